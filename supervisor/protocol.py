@@ -1,0 +1,128 @@
+"""The contract between the watchdog and a trainer attempt: env names, event kinds, checkpoint names.
+
+Shared by both sides and free of torch, so a trainer can import it without pulling the watchdog in.
+The fixed surface is documented in docs/protocol.md; change both together.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from dataclasses import dataclass
+from typing import Any
+
+# Environment of every attempt (fixed surface).
+ENV_RUN_DIR = "SUPERVISOR_RUN_DIR"
+ENV_CHECKPOINT_DIR = "SUPERVISOR_CHECKPOINT_DIR"
+ENV_EVENTS = "SUPERVISOR_EVENTS"
+ENV_SEED = "SUPERVISOR_SEED"
+ENV_LOAD_EPOCH = "SUPERVISOR_LOAD_EPOCH"
+ENV_START_EPOCH = "SUPERVISOR_START_EPOCH"
+ENV_EPOCHS = "SUPERVISOR_EPOCHS"
+ENV_ATTEMPT = "SUPERVISOR_ATTEMPT"
+ENV_PARAMS = "SUPERVISOR_PARAMS"
+ENV_BATCH_DIVISOR = "SUPERVISOR_BATCH_DIVISOR"
+# Extensions: where the checkpoint to load lies and the sha256 it must have.
+ENV_LOAD_PATH = "SUPERVISOR_LOAD_PATH"
+ENV_LOAD_SHA256 = "SUPERVISOR_LOAD_SHA256"
+
+# Event kinds (fixed surface).
+EVENT_STEP = "step"
+EVENT_EVAL = "eval"
+EVENT_CHECKPOINT = "checkpoint"
+EVENT_HEARTBEAT = "heartbeat"
+EVENT_KINDS = frozenset({EVENT_STEP, EVENT_EVAL, EVENT_CHECKPOINT, EVENT_HEARTBEAT})
+
+DEFAULT_CHECKPOINT_PATTERN = "epoch-{epoch:04d}.pt"
+
+_NONFINITE_STRINGS = {
+    "nan": math.nan,
+    "+nan": math.nan,
+    "-nan": math.nan,
+    "inf": math.inf,
+    "+inf": math.inf,
+    "infinity": math.inf,
+    "+infinity": math.inf,
+    "-inf": -math.inf,
+    "-infinity": -math.inf,
+}
+
+
+def checkpoint_name(epoch: int, pattern: str = DEFAULT_CHECKPOINT_PATTERN) -> str:
+    """File name (or relative path) of the checkpoint of `epoch` under `pattern`."""
+    return pattern.format(epoch=epoch)
+
+
+def checkpoint_regex(pattern: str = DEFAULT_CHECKPOINT_PATTERN) -> re.Pattern[str]:
+    """A regex that matches paths produced by `pattern` and captures the epoch as group 'epoch'."""
+    out, pos = [], 0
+    for m in re.finditer(r"\{epoch(?::[^}]*)?\}", pattern):
+        out.append(re.escape(pattern[pos : m.start()]))
+        out.append(r"(?P<epoch>\d+)")
+        pos = m.end()
+    out.append(re.escape(pattern[pos:]))
+    if "(?P<epoch>" not in "".join(out):
+        raise ValueError(f"checkpoint pattern {pattern!r} has no {{epoch}} placeholder")
+    return re.compile("".join(out) + r"\Z")
+
+
+def to_number(value: Any) -> float | None:
+    """A float from an event field: numbers, or the strings 'nan', 'inf', '-inf' (any case)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        s = value.strip().lower()
+        if s in _NONFINITE_STRINGS:
+            return _NONFINITE_STRINGS[s]
+        try:
+            return float(s)
+        except ValueError:
+            return None
+    return None
+
+
+def is_finite(value: Any) -> bool:
+    """True when `value` is a finite number; False for NaN/inf or anything non-numeric."""
+    x = to_number(value)
+    return x is not None and math.isfinite(x)
+
+
+@dataclass(frozen=True)
+class Event:
+    """One parsed line of the events file. `data` keeps every field, unknown ones included."""
+
+    kind: str
+    data: dict[str, Any]
+
+    @property
+    def epoch(self) -> int | None:
+        e = self.data.get("epoch")
+        return e if isinstance(e, int) and not isinstance(e, bool) else None
+
+
+def parse_event(line: str) -> Event | None:
+    """Parse one events.jsonl line; None for blank, malformed or unknown-kind lines.
+
+    Python's json accepts the NaN/Infinity/-Infinity literals that the protocol allows.
+    """
+    line = line.strip()
+    if not line:
+        return None
+    try:
+        obj = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(obj, dict):
+        return None
+    kind = obj.get("event")
+    if kind not in EVENT_KINDS:
+        return None
+    return Event(kind=kind, data=obj)
+
+
+def format_event(kind: str, **fields: Any) -> str:
+    """One events.jsonl line (with newline). Non-finite floats are written as NaN/Infinity literals."""
+    return json.dumps({"event": kind, **fields}, separators=(",", ":"), allow_nan=True) + "\n"

@@ -1,0 +1,77 @@
+"""The Store interface the watchdog talks to. Backends: local.py (the run dir is the store) and,
+for checkpoints that must outlive the machine, remote backends (s3://, file:// elsewhere).
+
+The watchdog calls these at fixed points of a run:
+  open()                  once, before anything is written (checks access, takes the run's lease)
+  restore()               once, when the local run dir has no ledger: pull the remote one
+  ensure_local()          before an attempt resumes from a checkpoint the local disk may lack
+  checkpoint_verified()   each time a checkpoint is verified; must not block training
+  ledger_changed()        after every ledger append; must not block
+  remove_checkpoint()     retention decided the checkpoint can go
+  lost_lease()            polled by the watchdog; True means stop writing at once (fencing)
+  drain()                 on pause and completion: wait for pending work within a budget
+  close()                 release the lease, stop background threads
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class StoreError(RuntimeError):
+    """A problem with the store a user can fix; the message is one line and holds no secret."""
+
+
+class LeaseHeld(StoreError):
+    """Another supervisor drives this run."""
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    """A verified checkpoint: its epoch, its path relative to the run dir, its size and sha256."""
+
+    epoch: int
+    path: str
+    size: int
+    sha256: str
+
+
+class Store(ABC):
+    """Keeps verified checkpoints and the ledger safe. Implementations never log credentials."""
+
+    @abstractmethod
+    def describe(self) -> str:
+        """Where this store keeps things, fit for logs (no credentials)."""
+
+    def open(self) -> None:
+        """Check access and take the run's lease; raise StoreError / LeaseHeld with one clear line."""
+
+    def restore(self, run_dir: Path) -> bool:
+        """Fill an empty local run dir from the store; True when a remote run was found."""
+        return False
+
+    @abstractmethod
+    def ensure_local(self, record: CheckpointRecord, run_dir: Path) -> bool:
+        """Make `record` present under run_dir with its sha256; False if it cannot be had whole."""
+
+    def checkpoint_verified(self, record: CheckpointRecord, run_dir: Path) -> None:
+        """A checkpoint was verified locally: make it durable (in the background)."""
+
+    def ledger_changed(self, ledger_path: Path) -> None:
+        """The ledger grew: mirror it (in the background)."""
+
+    def remove_checkpoint(self, record: CheckpointRecord, run_dir: Path) -> None:
+        """Retention let `record` go: delete it wherever this store keeps it."""
+
+    def lost_lease(self) -> bool:
+        """True once another supervisor has taken the run over; the caller must stop writing."""
+        return False
+
+    def drain(self, timeout_s: float) -> list[str]:
+        """Wait up to timeout_s for pending uploads; return what did not make it (empty: all done)."""
+        return []
+
+    def close(self) -> None:
+        """Release the lease and stop background work."""
