@@ -7,6 +7,7 @@ imports this package for the protocol never pulls torch in.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -66,10 +67,8 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
             os.fsync(f.fileno())
         os.replace(tmp, target)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     fsync_dir(target.parent)
     return target

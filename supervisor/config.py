@@ -1,0 +1,305 @@
+"""The pydantic models of run.toml: the only place that knows its keys.
+
+`load_config(path)` returns a validated `RunConfig` or raises `ConfigError` whose lines each name a
+key by its dotted path and say what is expected.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+from supervisor.faults import Fault
+from supervisor.protocol import DEFAULT_CHECKPOINT_PATTERN, checkpoint_regex
+
+PLACEHOLDERS = (
+    "seed", "load_epoch", "start_epoch", "epochs", "run_dir", "checkpoint_dir",
+    "attempt", "batch_divisor", "load_path", "params", "python",
+)  # fmt: skip
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
+          "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3,
+          "tib": 1024**4}  # fmt: skip
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
+_SECRET_KEYS = re.compile(r"secret|password|token|access_key|session_key|credential", re.IGNORECASE)
+
+
+class ConfigError(ValueError):
+    """run.toml is unreadable or invalid; `problems` holds one line per mistake."""
+
+    def __init__(self, path: Path, problems: list[str]):
+        self.path = path
+        self.problems = problems
+        super().__init__("\n".join(f"{path}: {p}" for p in problems))
+
+
+def parse_size(value: Any, what: str) -> int | float:
+    """Bytes from an int, '20GiB', '512MB'; a fraction in (0, 1] from '90%' (returned as float)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size such as 20GiB or 90%, got {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"expected a positive number of bytes, got {value}")
+        return value
+    if isinstance(value, str):
+        s = value.strip()
+        if s.endswith("%"):
+            try:
+                pct = float(s[:-1])
+            except ValueError:
+                pct = -1.0
+            if not 0 < pct <= 100:
+                raise ValueError(f"expected a percentage in (0, 100], got {value!r}")
+            return pct / 100.0
+        m = _SIZE.match(s)
+        if m and m.group(2).lower() in _UNITS:
+            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    raise ValueError(f"expected {what}: bytes, 20GiB, 512MB, or a percentage such as 90%")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TrainerConfig(_Strict):
+    command: list[str]
+    env: dict[str, str] = Field(default_factory=dict)
+    params: dict[str, Any] = Field(default_factory=dict)
+    cwd: str | None = None
+    mode: Literal["protocol", "zero-code"] = "protocol"
+
+    @field_validator("command", mode="before")
+    @classmethod
+    def _split(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            import shlex
+
+            v = shlex.split(v)
+        if isinstance(v, list) and not v:
+            raise ValueError("expected a non-empty command (list of strings or a string)")
+        return v
+
+    @field_validator("command")
+    @classmethod
+    def _placeholders(cls, v: list[str]) -> list[str]:
+        for arg in v:
+            for name in re.findall(r"\{([^{}]*)\}", arg):
+                if name not in PLACEHOLDERS:
+                    raise ValueError(f"unknown placeholder {{{name}}}; known: {', '.join(PLACEHOLDERS)}")
+        return v
+
+
+class SeedsConfig(_Strict):
+    pool: list[int] = Field(default_factory=lambda: [29, 28, 31, 30, 37, 32, 33, 47, 36])
+
+    @field_validator("pool")
+    @classmethod
+    def _unique(cls, v: list[int]) -> list[int]:
+        if len(set(v)) != len(v):
+            raise ValueError("expected distinct seeds")
+        if any(s < 0 for s in v):
+            raise ValueError("expected non-negative seeds")
+        return v
+
+
+class RestartConfig(_Strict):
+    max_restarts: Annotated[int, Field(ge=0)] = 20
+    per_fault: dict[str, Annotated[int, Field(ge=0)]] = Field(default_factory=dict)
+    rollback_after: Annotated[int, Field(ge=1)] = 2
+    halve_batch_on_gpu_oom: bool = True
+    max_batch_divisor: Annotated[int, Field(ge=1)] = 8
+    backoff_initial_s: Annotated[float, Field(ge=0)] = 1.0
+    backoff_max_s: Annotated[float, Field(ge=0)] = 60.0
+    backoff_jitter: Annotated[float, Field(ge=0, le=1)] = 0.25
+    no_progress_limit: Annotated[int, Field(ge=1)] = 5
+    early_failure_limit: Annotated[int, Field(ge=1)] = 3
+
+    @field_validator("per_fault")
+    @classmethod
+    def _faults(cls, v: dict[str, int]) -> dict[str, int]:
+        known = {f.value for f in Fault}
+        for key in v:
+            if key not in known:
+                raise ValueError(f"unknown fault {key!r}; known: {', '.join(sorted(known))}")
+        return v
+
+
+class WatchConfig(_Strict):
+    heartbeat_timeout_s: Annotated[float, Field(gt=0)] = 600.0
+    startup_timeout_s: Annotated[float, Field(gt=0)] | None = None
+    memory_limit: int | float | None = None
+    disk_min_free: int | float | None = None
+    poll_interval_s: Annotated[float, Field(gt=0, le=5)] = 0.1
+    stop_grace_s: Annotated[float, Field(ge=0)] = 30.0
+    cuda_error_grace_s: Annotated[float, Field(ge=0)] = 5.0
+    tail_lines: Annotated[int, Field(ge=1)] = 200
+    loss_regex: str = r"\bloss\b\s*[=:]\s*(?P<loss>[-+]?(?:nan|inf(?:inity)?|\d+(?:\.\d*)?(?:[eE][-+]?\d+)?))"
+    nan_regex: str | None = None
+    epoch_regex: str = r"\bepoch\b\s*[=: ]\s*(?P<epoch>\d+)"
+
+    @field_validator("memory_limit", "disk_min_free", mode="before")
+    @classmethod
+    def _size(cls, v: Any) -> Any:
+        return None if v is None else parse_size(v, "a size")
+
+    @field_validator("loss_regex", "nan_regex", "epoch_regex")
+    @classmethod
+    def _regex(cls, v: str | None) -> str | None:
+        if v is not None:
+            try:
+                re.compile(v)
+            except re.error as exc:
+                raise ValueError(f"expected a regular expression ({exc})") from None
+        return v
+
+
+class CheckpointsConfig(_Strict):
+    keep_last: Annotated[int, Field(ge=1)] = 3
+    keep_best: Annotated[int, Field(ge=0)] = 1
+    best_metric: str | None = None
+    best_mode: Literal["max", "min"] = "max"
+    pattern: str = DEFAULT_CHECKPOINT_PATTERN
+    settle_s: Annotated[float, Field(ge=0)] = 2.0
+
+    @field_validator("pattern")
+    @classmethod
+    def _pattern(cls, v: str) -> str:
+        try:
+            checkpoint_regex(v)
+            v.format(epoch=0)
+        except (ValueError, KeyError, IndexError) as exc:
+            raise ValueError(f"expected a file pattern with an {{epoch}} placeholder ({exc})") from None
+        return v
+
+
+class StorageConfig(_Strict):
+    url: str
+    endpoint_url: str | None = None
+    region: str | None = None
+    addressing_style: Literal["auto", "path", "virtual"] = "auto"
+    profile: str | None = None
+    lease_ttl_s: Annotated[float, Field(gt=0)] = 60.0
+    drain_timeout_s: Annotated[float, Field(ge=0)] = 300.0
+
+    @field_validator("url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if not re.match(r"^(s3://[^/]+|file://)", v):
+            raise ValueError("expected s3://bucket/prefix or file:///absolute/path")
+        return v.rstrip("/")
+
+
+class PlatformConfig(_Strict):
+    session_limit_s: Annotated[float, Field(gt=0)] | None = None
+    stop_margin_s: Annotated[float, Field(ge=0)] = 900.0
+    detect: Literal["auto", "generic", "kaggle", "colab"] = "auto"
+
+
+class RunConfig(_Strict):
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")]
+    epochs: Annotated[int, Field(ge=1)]
+    run_dir: str = "runs/{name}"
+    trainer: TrainerConfig
+    seeds: SeedsConfig = Field(default_factory=SeedsConfig)
+    restart: RestartConfig = Field(default_factory=RestartConfig)
+    watch: WatchConfig = Field(default_factory=WatchConfig)
+    checkpoints: CheckpointsConfig = Field(default_factory=CheckpointsConfig)
+    storage: StorageConfig | None = None
+    platform: PlatformConfig = Field(default_factory=PlatformConfig)
+    # Where run.toml lives; relative paths resolve against it. Set by load_config, not by users.
+    base_dir: Path = Field(default=Path("."), exclude=True)
+
+    def resolved_run_dir(self) -> Path:
+        path = Path(self.run_dir.replace("{name}", self.name)).expanduser()
+        return (path if path.is_absolute() else self.base_dir / path).resolve()
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _secret_problems(raw: dict[str, Any], prefix: str = "") -> list[str]:
+    problems = []
+    for key, value in raw.items():
+        path = f"{prefix}.{key}" if prefix else key
+        if isinstance(value, dict):
+            if path not in ("trainer.params",):
+                problems += _secret_problems(value, path)
+        elif _SECRET_KEYS.search(key) and path not in ("trainer.env",):
+            problems.append(
+                f"{path}: secrets do not belong in run.toml; put credentials in the environment "
+                "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), a shared credentials file with "
+                "[storage] profile, or the platform's secret store"
+            )
+    return problems
+
+
+def _format_error(err: dict[str, Any]) -> str:
+    loc = tuple(x for x in err["loc"] if x not in ("function-after[_split(), list[str]]",))
+    where = _dotted(loc)
+    kind = err["type"]
+    if kind == "extra_forbidden":
+        return f"{where}: unknown key; remove it or check its spelling"
+    if kind == "missing":
+        return f"{where}: required key is missing"
+    msg = err["msg"].removeprefix("Value error, ")
+    if kind.endswith("_type") or kind.endswith("_parsing"):
+        msg = f"{msg} (got {err.get('input')!r})"
+    return f"{where}: {msg}"
+
+
+def parse_config(raw: dict[str, Any], base_dir: Path, path: Path) -> RunConfig:
+    """Validate a parsed run.toml table; ConfigError lists every problem, one line each."""
+    problems = _secret_problems(raw)
+    env = raw.get("trainer", {}).get("env", {}) if isinstance(raw.get("trainer"), dict) else {}
+    if isinstance(env, dict):
+        for key in env:
+            if re.search(r"SECRET|PASSWORD|TOKEN", key, re.IGNORECASE):
+                problems.append(
+                    f"trainer.env.{key}: secrets do not belong in run.toml; export {key} in the "
+                    "supervisor's environment instead (attempts inherit it)"
+                )
+    try:
+        cfg = RunConfig.model_validate({**raw, "base_dir": base_dir})
+    except ValidationError as exc:
+        reported = {p.split(":", 1)[0] for p in problems}
+        for err in exc.errors():
+            line = _format_error(err)
+            if line.split(":", 1)[0] not in reported:
+                problems.append(line)
+        cfg = None
+    if problems:
+        raise ConfigError(path, problems)
+    assert cfg is not None
+    return cfg
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate run.toml at `path`."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(path, ["file not found; pass the path of a run.toml"]) from None
+    except OSError as exc:
+        raise ConfigError(path, [f"cannot read it ({exc.strerror})"]) from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(path, [f"not valid TOML: {exc}"]) from None
+    return parse_config(raw, path.resolve().parent, path)

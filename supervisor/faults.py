@@ -1,0 +1,116 @@
+"""One vocabulary for every way an attempt ends: the Fault enum and the classifiers that name it.
+
+The enum's values are the reason strings of the restart table, the ledger and reports (fixed surface).
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+from enum import Enum
+
+NORMAL_START = "normal start"
+
+
+class Fault(str, Enum):
+    """Why an attempt ended without completing the run."""
+
+    NAN = "nan"
+    TEST_NAN = "test nan"
+    CUDA_ERROR = "cuda error"
+    GPU_OOM = "gpu oom"
+    CPU_OOM = "cpu oom"
+    HANG = "hang"
+    DISK_FULL = "disk full"
+    CRASH = "crash"
+    TIME_LIMIT = "time limit"
+    PREEMPTED = "preempted"
+    SESSION_LOST = "session lost"
+    STOPPED = "stopped"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @property
+    def pauses(self) -> bool:
+        """Faults after which the run pauses (exit 75) instead of restarting on this machine."""
+        return self in (Fault.TIME_LIMIT, Fault.PREEMPTED, Fault.STOPPED)
+
+
+# Order matters: the first matching rule wins, so specific strings come before general ones.
+# Sources: ../shared/reference/platforms.md sections 4 (CUDA, cuBLAS, cuDNN, NCCL) and 5 (host OOM).
+_STDERR_RULES: tuple[tuple[Fault, re.Pattern[str]], ...] = (
+    (
+        Fault.GPU_OOM,
+        re.compile(
+            r"CUDA out of memory|torch\.(cuda\.)?OutOfMemoryError|CUBLAS_STATUS_ALLOC_FAILED"
+            r"|cudaErrorMemoryAllocation|CUDA error: out of memory",
+        ),
+    ),
+    (
+        Fault.CUDA_ERROR,
+        re.compile(
+            r"CUDA error: |AcceleratorError|device-side assert|an illegal memory access was encountered"
+            r"|unspecified launch failure|misaligned address|an illegal instruction was encountered"
+            r"|CUBLAS_STATUS_(EXECUTION_FAILED|NOT_INITIALIZED|INTERNAL_ERROR)"
+            r"|CUDNN_STATUS_(EXECUTION_FAILED|INTERNAL_ERROR|MAPPING_ERROR)|cuDNN error"
+            r"|NCCL error|Watchdog caught collective operation timeout|ProcessGroupNCCL's watchdog"
+            r"|uncorrectable ECC error|uncorrectable NVLink error|GPU has fallen off the bus"
+            r"|CUDA driver error|cudaError\w+",
+        ),
+    ),
+    (
+        Fault.CPU_OOM,
+        re.compile(
+            r"DefaultCPUAllocator: (can't|not enough memory)|MemoryError\b"
+            r"|DataLoader worker \(pid \d+\) is killed by signal: Killed",
+        ),
+    ),
+    (Fault.DISK_FULL, re.compile(r"No space left on device|ENOSPC|Disk quota exceeded|EDQUOT")),
+)
+
+
+def classify_line(line: str) -> Fault | None:
+    """The fault a single stdout/stderr line is evidence of, or None."""
+    for fault, pattern in _STDERR_RULES:
+        if pattern.search(line):
+            return fault
+    return None
+
+
+def classify_tail(lines: list[str]) -> Fault | None:
+    """The most specific fault named anywhere in an output tail (GPU OOM beats CUDA error, etc.)."""
+    found = {f for f in (classify_line(x) for x in lines) if f is not None}
+    for fault, _ in _STDERR_RULES:
+        if fault in found:
+            return fault
+    return None
+
+
+def describe_exit(returncode: int) -> str:
+    """'exit 3' or 'signal SIGKILL' for a Popen returncode."""
+    if returncode < 0:
+        try:
+            return f"signal {signal.Signals(-returncode).name}"
+        except ValueError:
+            return f"signal {-returncode}"
+    return f"exit {returncode}"
+
+
+def classify_exit(returncode: int, tail: list[str], oom_killed: bool) -> Fault | None:
+    """Name the fault of an attempt that exited on its own; None for a clean exit 0.
+
+    `oom_killed` is the cgroup's oom_kill counter having grown during the attempt. A SIGKILL nobody
+    sent, with that evidence, is the kernel OOM killer; without it the tail decides, else `crash`.
+    """
+    from_tail = classify_tail(tail)
+    if returncode == 0:
+        return None
+    killed = returncode in (-signal.SIGKILL, 128 + signal.SIGKILL)
+    if killed and oom_killed:
+        return Fault.CPU_OOM
+    if from_tail is not None:
+        return from_tail
+    if oom_killed:
+        return Fault.CPU_OOM
+    return Fault.CRASH

@@ -1,0 +1,182 @@
+"""Pure restart decisions: (what the ledger says, how the attempt ended) -> what to do next.
+
+No I/O, no clock, no processes: randomness for jitter comes in as an argument, so every case is a
+plain function call in the tests.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from supervisor.config import RestartConfig
+from supervisor.faults import NORMAL_START, Fault
+from supervisor.ledger import AttemptView, RunView
+
+# Faults that are not the trainer's doing: they pause or resume, and spend no restart budget.
+EXTERNAL = frozenset({Fault.TIME_LIMIT, Fault.PREEMPTED, Fault.STOPPED, Fault.SESSION_LOST})
+
+
+@dataclass(frozen=True)
+class Launch:
+    """Start an attempt: resume from load_epoch (-1 fresh) with seed, after delay_s."""
+
+    load_epoch: int
+    seed: int
+    reason: str
+    delay_s: float = 0.0
+    batch_divisor: int = 1
+    note: str = ""
+
+    @property
+    def start_epoch(self) -> int:
+        return self.load_epoch + 1
+
+
+@dataclass(frozen=True)
+class Pause:
+    reason: str
+
+
+@dataclass(frozen=True)
+class GiveUp:
+    diagnosis: str
+
+
+@dataclass(frozen=True)
+class Complete:
+    pass
+
+
+Decision = Launch | Pause | GiveUp | Complete
+
+
+def derived_seed(name: str, n: int) -> int:
+    """The n-th seed derived from the run name, once the pool is used up (stable across machines)."""
+    digest = hashlib.sha256(f"{name}:seed:{n}".encode()).digest()
+    return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
+
+
+def next_seed(pool: list[int], used: set[int], name: str) -> int:
+    """The first pool seed this run has not used, then derived ones; never a used seed."""
+    for seed in pool:
+        if seed not in used:
+            return seed
+    n = 0
+    while (seed := derived_seed(name, n)) in used:
+        n += 1
+    return seed
+
+
+def is_complete(view: RunView, epochs: int) -> bool:
+    return (epochs - 1) in view.checkpoints
+
+
+def _fault_of(a: AttemptView) -> Fault | None:
+    try:
+        return Fault(a.fault) if a.fault else None
+    except ValueError:
+        return None
+
+
+def consecutive_no_progress(attempts: list[AttemptView]) -> int:
+    """How many attempts at the end of the list failed without raising the high-water epoch."""
+    n = 0
+    for a in reversed(attempts):
+        if a.progressed or _fault_of(a) in EXTERNAL:
+            break
+        n += 1
+    return n
+
+
+def consecutive_same_epoch(attempts: list[AttemptView], epoch: int) -> int:
+    """How many attempts at the end of the list failed during `epoch`."""
+    n = 0
+    for a in reversed(attempts):
+        if a.failed_epoch != epoch or _fault_of(a) in EXTERNAL:
+            break
+        n += 1
+    return n
+
+
+def resume_epoch(view: RunView, before: int, rollback: int = 0) -> int:
+    """Newest verified epoch <= before - 1, stepped back `rollback` verified ones (at most to the oldest).
+
+    -1 (fresh start) when no verified checkpoint precedes `before`.
+    """
+    candidates = [e for e in view.verified_epochs() if e <= before - 1]
+    if not candidates:
+        return -1
+    return candidates[max(0, len(candidates) - 1 - rollback)]
+
+
+def first_launch(view: RunView, pool: list[int], name: str, epochs: int) -> Decision:
+    """What to do when the supervisor starts on a run: begin, continue after a pause or lost session."""
+    if is_complete(view, epochs):
+        return Complete()
+    last = view.last
+    seed = next_seed(pool, view.seeds_used, name)
+    divisor = last.batch_divisor if last else 1
+    if last is None:
+        return Launch(load_epoch=-1, seed=seed, reason=NORMAL_START)
+    reason = last.fault or Fault.SESSION_LOST.value
+    load = resume_epoch(view, before=epochs)
+    return Launch(load_epoch=load, seed=seed, reason=reason, batch_divisor=divisor)
+
+
+def decide(view: RunView, cfg: RestartConfig, pool: list[int], name: str, epochs: int, u: float) -> Decision:
+    """Next step after the last attempt in `view` ended. `u` in [0, 1) drives the backoff jitter."""
+    if is_complete(view, epochs):
+        return Complete()
+    last = view.last
+    assert last is not None and last.ended, "decide() needs an ended attempt"
+    fault = _fault_of(last) or Fault.CRASH
+    if fault in (Fault.TIME_LIMIT, Fault.PREEMPTED, Fault.STOPPED):
+        return Pause(fault.value)
+
+    counted = [a for a in view.attempts if a.ended and _fault_of(a) not in EXTERNAL and a.fault]
+    if fault not in EXTERNAL:
+        if len(counted) > cfg.max_restarts:
+            return GiveUp(f"restart budget exhausted: {len(counted)} faults > max_restarts = {cfg.max_restarts}")
+        limit = cfg.per_fault.get(fault.value)
+        same = sum(1 for a in counted if _fault_of(a) is fault)
+        if limit is not None and same > limit:
+            return GiveUp(f"'{fault.value}' happened {same} times > restart.per_fault.{fault.value} = {limit}")
+
+        early = view.attempts[-cfg.early_failure_limit :]
+        if (
+            len(early) == cfg.early_failure_limit
+            and all(a.steps == 0 and a.fault == fault.value for a in early)
+        ):
+            hint = next((line for line in reversed(last.tail) if line.strip()), last.exit or "")
+            return GiveUp(
+                f"the trainer fails with '{fault.value}' before its first step every time "
+                f"({len(early)} attempts); last output: {hint.strip()[:300]}"
+            )
+        stuck = consecutive_no_progress(view.attempts)
+        if stuck >= cfg.no_progress_limit:
+            return GiveUp(
+                f"no progress across {stuck} attempts: no checkpoint beyond epoch {view.high_water} "
+                f"(last fault '{fault.value}' during epoch {last.failed_epoch})"
+            )
+
+    failed = last.failed_epoch if last.failed_epoch is not None else view.high_water + 1
+    rollback = 0
+    note = ""
+    if fault not in EXTERNAL:
+        rollback = consecutive_same_epoch(view.attempts, failed) // cfg.rollback_after
+        if rollback:
+            note = f"epoch {failed} failed {rollback * cfg.rollback_after}x in a row: rolled back {rollback}"
+    load = resume_epoch(view, before=failed, rollback=rollback)
+
+    divisor = last.batch_divisor
+    if fault is Fault.GPU_OOM and cfg.halve_batch_on_gpu_oom:
+        divisor = min(divisor * 2, cfg.max_batch_divisor)
+
+    stuck = consecutive_no_progress(view.attempts) if fault not in EXTERNAL else 0
+    delay = 0.0
+    if stuck:
+        base = min(cfg.backoff_max_s, cfg.backoff_initial_s * 2 ** (stuck - 1))
+        delay = max(0.0, base * (1 + cfg.backoff_jitter * (2 * u - 1)))
+    seed = next_seed(pool, view.seeds_used, name)
+    return Launch(load_epoch=load, seed=seed, reason=fault.value, delay_s=delay, batch_divisor=divisor, note=note)
