@@ -109,6 +109,7 @@ class RunView:
     status: str = STATUS_RUNNING
     diagnosis: str | None = None
     high_water: int = -1
+    budget_start: int = 0  # attempts before this index were judged by an earlier give-up
 
     @property
     def seeds_used(self) -> set[int]:
@@ -186,4 +187,6 @@ def fold(facts: list[dict[str, Any]]) -> RunView:
         elif kind == RUN_ENDED:
             view.status = str(f["status"])
             view.diagnosis = f.get("diagnosis")
+            if view.status == STATUS_GAVE_UP:
+                view.budget_start = len(view.attempts)
     return view

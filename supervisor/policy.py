@@ -134,7 +134,8 @@ def decide(view: RunView, cfg: RestartConfig, pool: list[int], name: str, epochs
     if fault in (Fault.TIME_LIMIT, Fault.PREEMPTED, Fault.STOPPED):
         return Pause(fault.value)
 
-    counted = [a for a in view.attempts if a.ended and _fault_of(a) not in EXTERNAL and a.fault]
+    recent = view.attempts[view.budget_start :]  # a give-up and a new start reset the budgets
+    counted = [a for a in recent if a.ended and _fault_of(a) not in EXTERNAL and a.fault]
     if fault not in EXTERNAL:
         if len(counted) > cfg.max_restarts:
             return GiveUp(f"restart budget exhausted: {len(counted)} faults > max_restarts = {cfg.max_restarts}")
@@ -143,7 +144,7 @@ def decide(view: RunView, cfg: RestartConfig, pool: list[int], name: str, epochs
         if limit is not None and same > limit:
             return GiveUp(f"'{fault.value}' happened {same} times > restart.per_fault.{fault.value} = {limit}")
 
-        early = view.attempts[-cfg.early_failure_limit :]
+        early = recent[-cfg.early_failure_limit :]
         if (
             len(early) == cfg.early_failure_limit
             and all(a.steps == 0 and a.fault == fault.value for a in early)
@@ -153,7 +154,7 @@ def decide(view: RunView, cfg: RestartConfig, pool: list[int], name: str, epochs
                 f"the trainer fails with '{fault.value}' before its first step every time "
                 f"({len(early)} attempts); last output: {hint.strip()[:300]}"
             )
-        stuck = consecutive_no_progress(view.attempts)
+        stuck = consecutive_no_progress(recent)
         if stuck >= cfg.no_progress_limit:
             return GiveUp(
                 f"no progress across {stuck} attempts: no checkpoint beyond epoch {view.high_water} "
@@ -173,10 +174,32 @@ def decide(view: RunView, cfg: RestartConfig, pool: list[int], name: str, epochs
     if fault is Fault.GPU_OOM and cfg.halve_batch_on_gpu_oom:
         divisor = min(divisor * 2, cfg.max_batch_divisor)
 
-    stuck = consecutive_no_progress(view.attempts) if fault not in EXTERNAL else 0
+    stuck = consecutive_no_progress(recent) if fault not in EXTERNAL else 0
     delay = 0.0
     if stuck:
         base = min(cfg.backoff_max_s, cfg.backoff_initial_s * 2 ** (stuck - 1))
         delay = max(0.0, base * (1 + cfg.backoff_jitter * (2 * u - 1)))
     seed = next_seed(pool, view.seeds_used, name)
     return Launch(load_epoch=load, seed=seed, reason=fault.value, delay_s=delay, batch_divisor=divisor, note=note)
+
+
+def retention(
+    view: RunView,
+    keep_last: int,
+    keep_best: int,
+    metric: str | None,
+    mode: str,
+    protect: set[int],
+) -> list[int]:
+    """Verified epochs that retention may delete: never the newest `keep_last`, the best `keep_best`
+    by `metric`, or a protected one (the checkpoint an attempt resumes from)."""
+    epochs = view.verified_epochs()
+    keep = set(epochs[-max(1, keep_last) :]) | protect
+    if metric and keep_best:
+        scored = []
+        for e in epochs:
+            value = view.metrics.get(e, {}).get(metric)
+            if isinstance(value, (int, float)) and value == value and abs(value) != float("inf"):
+                scored.append((value if mode == "max" else -value, e))
+        keep |= {e for _, e in sorted(scored, reverse=True)[:keep_best]}
+    return [e for e in epochs if e not in keep]

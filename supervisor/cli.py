@@ -1,0 +1,183 @@
+"""Verbs: start, validate, status, report, stop. Exit codes: 0 completed, 1 gave up,
+2 invalid config / usage / run held by another supervisor, 75 paused (run the same command again)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from supervisor import __version__
+from supervisor.config import ConfigError, RunConfig, load_config
+
+EXIT_USAGE = 2
+
+
+def _fail(message: str) -> int:
+    sys.stderr.write(f"supervisor: {message}\n")
+    return EXIT_USAGE
+
+
+def _resolve(target: str) -> tuple[RunConfig | None, Path, str]:
+    """RUN may be a run.toml or a run dir; returns (config if known, run dir, run name)."""
+    path = Path(target)
+    if path.is_dir():
+        run_dir = path.resolve()
+        cfg = None
+        return cfg, run_dir, run_dir.name
+    cfg = load_config(path)
+    return cfg, cfg.resolved_run_dir(), cfg.name
+
+
+def _holder(run_dir: Path) -> dict | None:
+    from filelock import FileLock, Timeout
+
+    from supervisor.watchdog import LOCK_NAME, holder_info
+
+    if not (run_dir / LOCK_NAME).exists():
+        return None
+    lock = FileLock(str(run_dir / LOCK_NAME))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        return holder_info(run_dir) or {"pid": None, "host": None}
+    lock.release()
+    return None
+
+
+def open_store(cfg: RunConfig):
+    """The store run.toml asks for: the run dir itself, or a remote one under [storage]."""
+    from supervisor.store import LocalStore
+
+    if cfg.storage is None:
+        return LocalStore()
+    from supervisor.store.factory import open_store as open_remote
+    from supervisor.store.settings import StorageSettings
+
+    return open_remote(StorageSettings(**cfg.storage.model_dump()), cfg.name)
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    print(f"{args.config}: ok (run '{cfg.name}', {cfg.epochs} epochs, run dir {cfg.resolved_run_dir()})")
+    return 0
+
+
+def cmd_start(args: argparse.Namespace) -> int:
+    from supervisor.store import StoreError
+    from supervisor.watchdog import LockHeld, Watchdog
+
+    cfg = load_config(args.config)
+    try:
+        store = open_store(cfg)
+        return Watchdog(cfg, store, echo=not args.quiet).run()
+    except LockHeld as exc:
+        return _fail(str(exc))
+    except StoreError as exc:
+        return _fail(str(exc))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from supervisor import report
+
+    cfg, run_dir, name = _resolve(args.run)
+    out = report.status(run_dir, name, _holder(run_dir))
+    if args.json:
+        print(json.dumps(out, indent=2, default=str))
+        return 0
+    for key, value in out.items():
+        print(f"{key:>22}: {value}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from supervisor import report
+
+    cfg, run_dir, name = _resolve(args.run)
+    if not (run_dir / "ledger.jsonl").exists():
+        return _fail(f"{run_dir} holds no run (no ledger.jsonl); pass a run.toml or a run dir")
+    metric = cfg.checkpoints.best_metric if cfg else None
+    mode = cfg.checkpoints.best_mode if cfg else "max"
+    rep = report.build(run_dir, name, _holder(run_dir) is not None, metric, mode)
+    sys.stdout.write(report.render(rep, args.format))
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from supervisor.watchdog import STOP_NAME
+
+    cfg, run_dir, name = _resolve(args.run)
+    holder = _holder(run_dir)
+    if holder is None:
+        print(f"run '{name}' is not running")
+        return 0
+    (run_dir / STOP_NAME).touch()
+    pid = holder.get("pid")
+    if pid and holder.get("host") == socket.gethostname():
+        try:
+            os.kill(int(pid), signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    print(f"asked run '{name}' to pause (supervisor pid {pid} on {holder.get('host')})")
+    if args.wait <= 0:
+        return 0
+    deadline = time.monotonic() + args.wait
+    while time.monotonic() < deadline:
+        if _holder(run_dir) is None:
+            print(f"run '{name}' paused; `supervisor start` with its run.toml resumes it")
+            return 0
+        time.sleep(0.2)
+    return _fail(f"run '{name}' did not pause within {args.wait:.0f}s; it may still be saving")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="supervisor", description=__doc__.split("\n")[0])
+    p.add_argument("--version", action="version", version=f"supervisor {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every state transition")
+    sub = p.add_subparsers(dest="verb", required=True)
+    s = sub.add_parser("start", help="run (or continue) the run described by a run.toml")
+    s.add_argument("config")
+    s.add_argument("-q", "--quiet", action="store_true", help="do not echo the trainer's output")
+    s.set_defaults(func=cmd_start)
+    s = sub.add_parser("validate", help="check a run.toml without running anything")
+    s.add_argument("config")
+    s.set_defaults(func=cmd_validate)
+    s = sub.add_parser("status", help="state, attempt, epoch, last loss, last heartbeat age")
+    s.add_argument("run", help="run.toml or run dir")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_status)
+    s = sub.add_parser("report", help="restart table, checkpoints, best metrics")
+    s.add_argument("run", help="run.toml or run dir")
+    s.add_argument("--format", choices=("md", "json"), default="md")
+    s.set_defaults(func=cmd_report)
+    s = sub.add_parser("stop", help="pause a running run gracefully")
+    s.add_argument("run", help="run.toml or run dir")
+    s.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the pause (0: do not wait)")
+    s.set_defaults(func=cmd_stop)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="supervisor: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        return args.func(args)
+    except ConfigError as exc:
+        sys.stderr.write(f"{exc}\n")
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

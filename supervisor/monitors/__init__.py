@@ -1,0 +1,1 @@
+"""One small class per signal source the watchdog polls: events, output, memory, disk, files, clock."""

@@ -1,0 +1,104 @@
+"""The experiment record of a run, derived from its ledger: restart table, checkpoints, best metrics."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+from supervisor import ledger as L
+from supervisor.monitors.events import EventTail
+from supervisor.protocol import EVENT_STEP
+
+
+def _finite(x: Any) -> Any:
+    return None if isinstance(x, float) and not math.isfinite(x) else x
+
+
+def build(run_dir: Path, name: str, running: bool, best_metric: str | None = None, mode: str = "max") -> dict:
+    """The report as one JSON-able object (fixed surface: name, status, restarts, checkpoints, best)."""
+    view = L.fold(L.read_facts(run_dir / L.LEDGER_NAME))
+    status = L.STATUS_RUNNING if running else view.status
+    if not running and status == L.STATUS_RUNNING and view.attempts:
+        status = L.STATUS_PAUSED  # the supervisor vanished mid-run; the next start continues it
+    metrics = sorted({k for m in view.metrics.values() for k in m})
+    best: dict[str, dict[str, Any]] = {}
+    for metric in metrics:
+        lower = metric.lower()
+        m_mode = mode if metric == best_metric else ("min" if "loss" in lower else "max")
+        found = view.best(metric, m_mode)
+        if found:
+            best[metric] = {"value": found[0], "epoch": found[1]}
+    attempts = []
+    for a in view.attempts:
+        attempts.append({
+            "attempt": a.attempt, "epoch": a.start_epoch, "load_epoch": a.load_epoch, "seed": a.seed,
+            "reason": a.reason, "ended_by": a.fault, "exit": a.exit, "failed_epoch": a.failed_epoch,
+            "steps": a.steps, "batch_divisor": a.batch_divisor, "host": a.host,
+            "duration_s": round(a.ended_at - a.started_at, 1) if a.ended_at else None,
+        })  # fmt: skip
+    return {
+        "name": name,
+        "status": status,
+        "diagnosis": view.diagnosis,
+        "restarts": view.restart_rows(),
+        "checkpoints": view.verified_epochs(),
+        "checkpoint_files": {e: {"path": r.path, "size": r.size, "sha256": r.sha256}
+                             for e, r in sorted(view.checkpoints.items())},  # fmt: skip
+        "best": best,
+        "metrics": {e: {k: _finite(v) for k, v in m.items()} for e, m in sorted(view.metrics.items())},
+        "attempts": attempts,
+    }
+
+
+def to_markdown(rep: dict) -> str:
+    """The report as the markdown table the experiment log used to be kept in, by hand."""
+    out = [f"# {rep['name']}", "", f"* status: {rep['status']}"]
+    if rep.get("diagnosis"):
+        out.append(f"* note: {rep['diagnosis']}")
+    for metric, b in rep["best"].items():
+        value = b["value"]
+        shown = f"{value * 100:.2f}%" if metric in ("AP50", "VOCmAP") else f"{value:.4g}"
+        out.append(f"* max {metric}: {shown} @ epoch {b['epoch']}")
+    ck = rep["checkpoints"]
+    out.append(f"* verified checkpoints: {', '.join(map(str, ck)) if ck else 'none'}")
+    out += ["", "| epoch | load_epoch | seed | reason |", "| :---: | :---: | :---: | :---: |"]
+    for r in rep["restarts"]:
+        out.append(f"| {r['epoch']} | {r['load_epoch']} | {r['seed']} | {r['reason']} |")
+    return "\n".join(out) + "\n"
+
+
+def render(rep: dict, fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(rep, indent=2, allow_nan=False, default=str) + "\n"
+    return to_markdown(rep)
+
+
+def status(run_dir: Path, name: str, holder: dict | None) -> dict:
+    """Live state: status, attempt, epoch, last loss, age of the last sign of life."""
+    view = L.fold(L.read_facts(run_dir / L.LEDGER_NAME))
+    running = bool(holder)
+    out: dict[str, Any] = {"name": name, "run_dir": str(run_dir),
+                           "status": L.STATUS_RUNNING if running else (view.status if view.attempts else "not started")}
+    if not running and out["status"] == L.STATUS_RUNNING:
+        out["status"] = L.STATUS_PAUSED
+    last = view.last
+    if holder:
+        out["supervisor"] = {"pid": holder.get("pid"), "host": holder.get("host")}
+    if last is not None:
+        out.update(attempt=last.attempt, seed=last.seed, epoch=last.start_epoch, reason=last.reason)
+        events = run_dir / "attempts" / f"attempt-{last.attempt:04d}.events.jsonl"
+        evs = EventTail(events).poll()
+        if evs:
+            age = time.time() - events.stat().st_mtime
+            out["last_heartbeat_age_s"] = round(age, 1)
+            steps = [e for e in evs if e.kind == EVENT_STEP]
+            if steps:
+                out["epoch"] = steps[-1].epoch if steps[-1].epoch is not None else out["epoch"]
+                out["last_loss"] = steps[-1].data.get("loss")
+                out["step"] = steps[-1].data.get("step")
+    out["verified_checkpoints"] = view.verified_epochs()
+    out["restarts"] = max(0, len(view.attempts) - 1)
+    return out

@@ -1,0 +1,121 @@
+"""A small pure-Python trainer that speaks the supervisor protocol and injects faults on command.
+
+Params (from SUPERVISOR_PARAMS): steps_per_epoch, step_s (sleep per step), eval (bool),
+ckpt_bytes (size of each checkpoint), faults: a list of
+    {"kind": K, "attempt": A, "epoch": E, "step": S}
+fired when this is attempt A (any attempt if absent) at epoch E, step S. Kinds:
+    nan, test_nan, cuda_error, cuda_hang, gpu_oom, cpu_oom (allocate until stopped), oom_kill
+    (SIGKILL itself, as the kernel would), hang, enospc, disk_fill (fill the run dir's disk with a
+    file), crash, exit0 (exit 0 early), import_error (before the first step, every attempt),
+    ignore_sigterm (keep running on SIGTERM), spawn_children (start a grandchild that outlives us).
+The checkpoint holds a "state" that depends on every (seed, epoch) it went through, so tests can
+check that resumes load the right file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+from supervisor.client import NonFiniteLoss, Supervised, atomic_write, sha256_file
+
+
+def fault_at(faults: list[dict], attempt: int, epoch: int, step: int) -> str | None:
+    for f in faults:
+        if f.get("attempt", attempt) == attempt and f.get("epoch") == epoch and f.get("step", 0) == step:
+            return f["kind"]
+    return None
+
+
+def main() -> int:
+    sup = Supervised.from_env()
+    p = sup.params
+    steps = int(p.get("steps_per_epoch", 3))
+    step_s = float(p.get("step_s", 0.01))
+    faults = list(p.get("faults", []))
+    epochs = sup.epochs or int(p.get("epochs", 3))
+    if any(f["kind"] == "import_error" for f in faults):
+        sys.stderr.write("ModuleNotFoundError: No module named 'missing_dependency'\n")
+        return 1
+    if any(f["kind"] == "ignore_sigterm" for f in faults):
+        signal.signal(signal.SIGTERM, lambda *a: sys.stderr.write("fake trainer: ignoring SIGTERM\n"))
+    with open(sup.run_dir / "pids.txt", "a") as f:
+        f.write(f"{os.getpid()}\n")
+    if any(f["kind"] == "spawn_children" for f in faults):
+        child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"], start_new_session=True)
+        with open(sup.run_dir / "pids.txt", "a") as f:
+            f.write(f"{child.pid}\n")
+
+    state = "init"
+    if sup.load_epoch >= 0:
+        path = sup.resume_path()
+        if sup.load_sha256 and sha256_file(path) != sup.load_sha256:
+            sys.stderr.write(f"checksum mismatch for {path}\n")
+            return 4
+        ckpt = json.loads(path.read_text())
+        assert ckpt["epoch"] == sup.load_epoch, (ckpt["epoch"], sup.load_epoch)
+        state = ckpt["state"]
+    print(f"fake trainer: attempt {sup.attempt} seed {sup.seed} from epoch {sup.start_epoch} "
+          f"divisor {sup.batch_divisor}", flush=True)  # fmt: skip
+    hog = []
+    for epoch in range(sup.start_epoch, epochs):
+        for step in range(steps):
+            kind = fault_at(faults, sup.attempt, epoch, step)
+            loss = 1.0 / (1 + epoch + step / steps)
+            if kind == "nan":
+                loss = float("nan")
+            elif kind == "crash":
+                raise RuntimeError("fake trainer: injected crash")
+            elif kind == "exit0":
+                return 0
+            elif kind in ("cuda_error", "cuda_hang"):
+                sys.stderr.write("RuntimeError: CUDA error: device-side assert triggered\n")
+                sys.stderr.write("CUDA kernel errors might be asynchronously reported at some other API call\n")
+                sys.stderr.flush()
+                if kind == "cuda_hang":
+                    time.sleep(3600)
+                return 1
+            elif kind == "gpu_oom":
+                sys.stderr.write("torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB. "
+                                 f"GPU 0 has a total capacity of 15.77 GiB (divisor {sup.batch_divisor})\n")
+                return 1
+            elif kind == "enospc":
+                sys.stderr.write("OSError: [Errno 28] No space left on device\n")
+                return 1
+            elif kind == "disk_fill":
+                with open(sup.run_dir / "filler.bin", "wb") as f:
+                    f.truncate(0)
+                    f.write(b"\0" * (64 << 20))
+                time.sleep(3600)
+            elif kind == "cpu_oom":
+                while True:
+                    hog.append(bytearray(32 << 20))
+                    time.sleep(0.01)
+            elif kind == "oom_kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            elif kind == "hang":
+                time.sleep(3600)
+            try:
+                sup.step(epoch, step, loss)
+            except NonFiniteLoss as exc:
+                sys.stderr.write(f"fake trainer: {exc}\n")
+                return 3
+            time.sleep(step_s)
+        state = hashlib.sha256(f"{state}|{sup.seed}|{epoch}".encode()).hexdigest()[:16]
+        if p.get("eval", True):
+            value = float("nan") if fault_at(faults, sup.attempt, epoch, -1) == "test_nan" else 0.5 + epoch / 100
+            sup.eval(epoch, {"AP50": value, "VOCmAP": value - 0.01})
+        body = json.dumps({"epoch": epoch, "seed": sup.seed, "state": state}).encode()
+        pad = b" " * max(0, int(p.get("ckpt_bytes", 0)) - len(body))
+        path = atomic_write(sup.checkpoint_path(epoch), lambda f, b=body + pad: f.write(b))
+        sup.checkpoint_done(epoch, path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
