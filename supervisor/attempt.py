@@ -26,7 +26,7 @@ from supervisor.faults import Fault, classify_exit, classify_line, describe_exit
 from supervisor.monitors.disk import free_bytes
 from supervisor.monitors.events import EventTail
 from supervisor.monitors.files import CheckpointScanner
-from supervisor.monitors.memory import memory_budget, oom_kill_count, tree_memory
+from supervisor.monitors.memory import OomKillWatch, memory_budget, tree_memory
 from supervisor.monitors.output import OutputPump
 from supervisor.shim import ENV_WATCHDOG_PID
 
@@ -109,6 +109,7 @@ class Attempt:
         self.steps = 0
         self.recorded: set[int] = set()
         self.kill_at: float | None = None
+        self._scanner: CheckpointScanner | None = None
 
     # -- state ------------------------------------------------------------------------------
 
@@ -165,7 +166,7 @@ class Attempt:
         argv = build_argv(self.cfg, self.placeholders())
         cwd = self.cfg.base_dir / (self.cfg.trainer.cwd or ".")
         self.pump = OutputPump(self.log_path, self.cfg.watch.tail_lines, echo=self.echo)
-        self.oom_before = oom_kill_count()
+        self.oom = OomKillWatch()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "supervisor.shim", "--", *argv],
             cwd=cwd,
@@ -260,8 +261,11 @@ class Attempt:
         if self.cfg.trainer.mode != "zero-code" or self.fault is not None:
             return
         w = self.cfg.watch
-        if m := re.search(w.epoch_regex, line):
-            self.epoch = max(self.epoch, int(m.group("epoch")))
+        if (m := re.search(w.epoch_regex, line)) and int(m.group("epoch")) > self.epoch:
+            self.epoch = int(m.group("epoch"))
+            if self._scanner is not None:  # the script moved on: earlier checkpoints are complete
+                for epoch, path in self._scanner.poll(self.recorded, finished_below=self.epoch):
+                    self._record(epoch, path, {})
         if w.nan_regex and re.search(w.nan_regex, line):
             self._set_fault(Fault.NAN, line.strip()[:300], evidence_at=at)
         elif m := re.search(w.loss_regex, line, re.IGNORECASE):
@@ -285,7 +289,7 @@ class Attempt:
         budget = memory_budget(w.memory_limit)
         started = last_activity = time.monotonic()
         seen_activity = False
-        next_mem = next_disk = next_scan = started
+        next_mem = next_disk = next_scan = next_cg = started
         self._to("running", f"pid {self.proc.pid}")
         while True:
             now = time.monotonic()
@@ -299,6 +303,9 @@ class Attempt:
                 next_scan = now + 0.5
                 for epoch, path in scanner.poll(self.recorded):
                     self._record(epoch, path, {})
+            if now >= next_cg:
+                next_cg = now + 0.5
+                self.oom.sample_tree(self.proc.pid)
             rc = self.proc.poll()
             if rc is not None:
                 break
@@ -348,8 +355,7 @@ class Attempt:
                 self._record(epoch, path, {})
         tail = list(self.pump.tail)
         self.pump.close()
-        oom_after = oom_kill_count()
-        oom_killed = self.oom_before is not None and oom_after is not None and oom_after > self.oom_before
+        oom_killed = self.oom.fired()
         if self.fault is None:
             fault = classify_exit(rc, tail, oom_killed)
             if fault is not None:

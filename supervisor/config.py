@@ -174,8 +174,8 @@ class CheckpointsConfig(_Strict):
     @classmethod
     def _pattern(cls, v: str) -> str:
         try:
-            checkpoint_regex(v)
-            v.format(epoch=0)
+            v.format(epoch=0, checkpoint_dir="d", run_dir="d")
+            checkpoint_regex(v.replace("{checkpoint_dir}", "d").replace("{run_dir}", "d"))
         except (ValueError, KeyError, IndexError) as exc:
             raise ValueError(f"expected a file pattern with an {{epoch}} placeholder ({exc})") from None
         return v

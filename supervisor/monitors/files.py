@@ -10,7 +10,8 @@ from supervisor.protocol import checkpoint_regex
 
 class CheckpointScanner:
     """Reports (epoch, path) for files matching `pattern` under `root` whose size and mtime have held
-    still for `settle_s` (or at once with `final=True`, after the process has exited)."""
+    still for `settle_s`; at once with `final=True` (the process has exited) or for epochs below
+    `finished_below` (the script's output has moved on to a later epoch)."""
 
     def __init__(self, root: Path, pattern: str, settle_s: float):
         self.root = root
@@ -31,7 +32,7 @@ class CheckpointScanner:
                 out.append((int(m.group("epoch")), path))
         return out
 
-    def poll(self, known: set[int], final: bool = False) -> list[tuple[int, Path]]:
+    def poll(self, known: set[int], final: bool = False, finished_below: int = -1) -> list[tuple[int, Path]]:
         now = time.monotonic()
         ready = []
         for epoch, path in sorted(self._candidates()):
@@ -42,11 +43,12 @@ class CheckpointScanner:
             except FileNotFoundError:
                 continue
             sig = (st.st_size, st.st_mtime_ns)
+            done = final or epoch < finished_below
             prev = self._seen.get(path)
             if prev is None or prev[:2] != sig:
                 self._seen[path] = (*sig, now)
-                if not final:
+                if not done:
                     continue
-            if final or now - self._seen[path][2] >= self.settle_s:
+            if done or now - self._seen[path][2] >= self.settle_s:
                 ready.append((epoch, path))
         return ready

@@ -31,27 +31,30 @@ def tree_memory(pid: int) -> int:
     return total
 
 
-def _cgroup_dir() -> Path | None:
+def cgroup_dir(pid: int | str = "self") -> Path | None:
+    """The memory cgroup directory of a process (cgroup v2 unified, or the v1 memory controller)."""
     try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
+        lines = Path(f"/proc/{pid}/cgroup").read_text().splitlines()
     except OSError:
         return None
+    root = Path("/sys/fs/cgroup")
     for line in lines:
         hier, controllers, path = line.split(":", 2)
-        if hier == "0" and Path("/sys/fs/cgroup/memory.events").exists():
-            return Path("/sys/fs/cgroup") / path.lstrip("/") if (
-                Path("/sys/fs/cgroup") / path.lstrip("/") / "memory.events"
-            ).exists() else Path("/sys/fs/cgroup")
+        rel = path.lstrip("/")
+        if hier == "0" and (root / "cgroup.controllers").exists():
+            for d in (root / rel, root):
+                if (d / "memory.events").exists():
+                    return d
         if "memory" in controllers.split(","):
-            for base in (Path("/sys/fs/cgroup/memory") / path.lstrip("/"), Path("/sys/fs/cgroup/memory")):
-                if (base / "memory.oom_control").exists():
-                    return base
+            for d in (root / "memory" / rel, root / "memory"):
+                if (d / "memory.oom_control").exists():
+                    return d
     return None
 
 
 def cgroup_memory_limit() -> int | None:
-    """The cgroup's hard memory limit in bytes (v2 memory.max or v1 limit_in_bytes), None if unlimited."""
-    d = _cgroup_dir()
+    """Our cgroup's hard memory limit in bytes (v2 memory.max or v1 limit_in_bytes); None if unlimited."""
+    d = cgroup_dir()
     if d is None:
         return None
     for name in ("memory.max", "memory.limit_in_bytes"):
@@ -66,9 +69,8 @@ def cgroup_memory_limit() -> int | None:
     return None
 
 
-def oom_kill_count() -> int | None:
-    """How many processes the OOM killer has killed in our cgroup (v2 memory.events, v1 oom_control)."""
-    d = _cgroup_dir()
+def oom_kill_count(d: Path | None) -> int | None:
+    """How many processes the OOM killer has killed in cgroup `d` (v2 memory.events, v1 oom_control)."""
     if d is None:
         return None
     for name in ("memory.events", "memory.oom_control"):
@@ -80,6 +82,31 @@ def oom_kill_count() -> int | None:
         if m:
             return int(m.group(1))
     return None
+
+
+class OomKillWatch:
+    """Remembers the oom_kill counter of every cgroup the trainer's processes were seen in, so a
+    SIGKILL can be told apart: the kernel OOM killer raises a counter, a plain `kill -9` does not."""
+
+    def __init__(self) -> None:
+        self._base: dict[Path, int] = {}
+        self.sample("self")
+
+    def sample(self, *pids: int | str) -> None:
+        for pid in pids:
+            d = cgroup_dir(pid)
+            if d is not None and d not in self._base and (n := oom_kill_count(d)) is not None:
+                self._base[d] = n
+
+    def sample_tree(self, root: int) -> None:
+        try:
+            procs = [root, *(p.pid for p in psutil.Process(root).children(recursive=True))]
+        except psutil.Error:
+            return
+        self.sample(*procs)
+
+    def fired(self) -> bool:
+        return any((oom_kill_count(d) or 0) > n for d, n in self._base.items())
 
 
 def memory_budget(limit: int | float | None) -> int | None:
