@@ -1,0 +1,368 @@
+"""One training attempt: build everything from (params, seed), resume, train, evaluate, checkpoint.
+
+Exact resume rests on three facts: the LR is a pure function of the position in training
+(trainer.schedule), each epoch's batches and augmentation are a pure function of (seed, epoch)
+(trainer.data.EpochBatchSampler), and the checkpoint holds every other piece of state (model with
+BN statistics, optimizer momentum, GradScaler, RNG states). It holds only tensors and primitive
+containers, so it loads with torch.load(weights_only=True).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from supervisor.client import Supervised
+from trainer import faults
+from trainer.data import (
+    DataError,
+    EpochBatchSampler,
+    EvalDataset,
+    TrainDataset,
+    VOCIndex,
+    collate_eval,
+    collate_train,
+    derive_seed,
+    find_devkit,
+    multiscale_sizes,
+    read_voc,
+)
+from trainer.evaluate import evaluate_detections, postprocess
+from trainer.loss import LossWeights, yolo_loss
+from trainer.model import Detector, level_anchors
+from trainer.params import Params
+from trainer.schedule import LRSchedule, step_position
+from trainer.synth import ensure_synthetic
+
+log = logging.getLogger("trainer")
+
+CHECKPOINT_FORMAT = 1
+HEARTBEAT_EVERY_S = 5.0
+
+
+@dataclass
+class Attempt:
+    """Everything one attempt trains with; built by `setup`."""
+
+    params: Params
+    sup: Supervised
+    device: torch.device
+    model: Detector
+    optimizer: torch.optim.SGD
+    scaler: torch.amp.GradScaler
+    schedule: LRSchedule
+    anchors: torch.Tensor
+    weights: LossWeights
+    train_index: VOCIndex
+    test_index: VOCIndex
+    epochs: int
+    micro_batch: int
+    accum: int
+    autocast: bool
+    channels_last: bool
+    history: dict[str, Any] = field(default_factory=dict)
+
+
+def pick_device(params: Params) -> torch.device:
+    if params.device == "cuda" or (params.device == "auto" and torch.cuda.is_available()):
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def resolve_epochs(params: Params, sup: Supervised) -> int:
+    """SUPERVISOR_EPOCHS wins over num_epoch; a contradiction is reported, not ignored."""
+    if sup.epochs is None:
+        return params.num_epoch
+    if sup.epochs != params.num_epoch:
+        log.warning(
+            "num_epoch = %d contradicts the run's epochs = %d (SUPERVISOR_EPOCHS): training %d epochs",
+            params.num_epoch, sup.epochs, sup.epochs,
+        )  # fmt: skip
+    return sup.epochs
+
+
+def load_data(params: Params) -> tuple[VOCIndex, VOCIndex]:
+    root = Path(params.data_root).expanduser()
+    devkit = find_devkit(root)
+    if devkit is None and params.synthetic_images > 0:
+        size = params.synthetic_size or params.input_size
+        devkit = ensure_synthetic(root, params.synthetic_images, size, params.synthetic_seed)
+    if devkit is None:
+        raise DataError(
+            f"no VOCdevkit under data_root {str(root)!r}: point data_root at the folder holding VOCdevkit/ "
+            "or set synthetic_images to generate a synthetic set there"
+        )
+    classes = params.class_names
+    return read_voc(devkit, params.train_sets, classes), read_voc(devkit, params.test_sets, classes)
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on convolution weights only; BN parameters and biases are not decayed."""
+    decay, no_decay = [], []
+    for _, p in model.named_parameters():
+        (decay if p.ndim > 1 else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def setup(params: Params, sup: Supervised) -> Attempt:
+    """Build the attempt; load the resume checkpoint when SUPERVISOR_LOAD_EPOCH >= 0."""
+    device = pick_device(params)
+    epochs = resolve_epochs(params, sup)
+    train_index, test_index = load_data(params)
+    log.info(
+        "data: %d training images, %d test images, %d classes",
+        len(train_index),
+        len(test_index),
+        len(params.class_names),
+    )
+    torch.manual_seed(derive_seed(sup.seed, 0x5EED))
+    resuming = sup.load_epoch >= 0
+    model = Detector(len(params.class_names), params.neck_channels, pretrained=params.pretrained and not resuming)
+    channels_last = params.channels_last if params.channels_last is not None else device.type == "cuda"
+    model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    optimizer = torch.optim.SGD(param_groups(model, params.weight_decay), lr=0.0, momentum=params.momentum)
+    autocast = params.mix_precision and device.type == "cuda"
+    if params.mix_precision and not autocast:
+        log.info("mix_precision on the CPU: float32 compute, GradScaler still active (and its NaN guard)")
+    scaler = torch.amp.GradScaler(device.type, enabled=params.mix_precision)
+    micro, accum = params.batch_plan(sup.batch_divisor)
+    if sup.batch_divisor > 1:
+        log.info("SUPERVISOR_BATCH_DIVISOR=%d: micro-batch %d x %d accumulation steps", sup.batch_divisor, micro, accum)
+    att = Attempt(
+        params=params, sup=sup, device=device, model=model, optimizer=optimizer, scaler=scaler,
+        schedule=LRSchedule.from_params(params), anchors=level_anchors(params.anchors).to(device),
+        weights=LossWeights.from_params(params), train_index=train_index, test_index=test_index,
+        epochs=epochs, micro_batch=micro, accum=accum, autocast=autocast, channels_last=channels_last,
+    )  # fmt: skip
+    if resuming:
+        restore(att, sup.load_checkpoint(map_location="cpu"))
+    return att
+
+
+def checkpoint_state(att: Attempt, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
+    """The checkpoint of `epoch`: tensors and primitive containers only."""
+    rng: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        rng["cuda"] = torch.cuda.get_rng_state_all()
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "epoch": epoch,
+        "seed": att.sup.seed,
+        "model": att.model.state_dict(),
+        "optimizer": att.optimizer.state_dict(),
+        "scaler": att.scaler.state_dict(),
+        "scheduler": att.schedule.state_dict(),
+        "rng": rng,
+        "metrics": metrics,
+        "params": att.params.model_dump(mode="json"),
+    }
+
+
+def restore(att: Attempt, state: dict[str, Any]) -> None:
+    """Load model, optimizer, GradScaler and (for the same seed) RNG states from a checkpoint."""
+    if state.get("format") != CHECKPOINT_FORMAT:
+        raise DataError(
+            f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}: it was not written by this trainer"
+        )
+    if state["epoch"] != att.sup.load_epoch:
+        log.warning("checkpoint says epoch %s but SUPERVISOR_LOAD_EPOCH is %d", state["epoch"], att.sup.load_epoch)
+    att.model.load_state_dict(state["model"])
+    att.optimizer.load_state_dict(state["optimizer"])
+    if state.get("scaler"):
+        att.scaler.load_state_dict(state["scaler"])
+    if state.get("seed") == att.sup.seed:
+        torch.set_rng_state(state["rng"]["torch"])
+        if torch.cuda.is_available() and "cuda" in state["rng"]:
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    att.history = dict(state.get("metrics") or {})
+    log.info(
+        "resumed from the checkpoint of epoch %d (seed %d -> %d)", state["epoch"], state.get("seed", -1), att.sup.seed
+    )
+
+
+def _progress(iterable: Any, total: int, desc: str) -> Any:
+    """A tqdm bar on a terminal or in a notebook; the iterable unchanged otherwise."""
+    interactive = sys.stdout.isatty() or "ipykernel" in sys.modules
+    if not interactive:
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, total=total, desc=desc, leave=False, dynamic_ncols=True)
+
+
+def _loaders(att: Attempt) -> tuple[EpochBatchSampler, DataLoader, DataLoader]:
+    p = att.params
+    sampler = EpochBatchSampler(
+        len(att.train_index), att.micro_batch, att.sup.seed, p.input_size, multiscale_sizes(p.output_scale_S),
+        sizes_every=att.accum,
+    )  # fmt: skip
+    workers = p.num_workers
+    common: dict[str, Any] = {"num_workers": workers, "pin_memory": att.device.type == "cuda"}
+    if workers > 0:
+        common.update(persistent_workers=True, prefetch_factor=2)
+    train = DataLoader(
+        TrainDataset(att.train_index, p.random_ratio),
+        batch_sampler=sampler,
+        collate_fn=collate_train,
+        generator=torch.Generator().manual_seed(0),
+        **common,
+    )
+    test = DataLoader(
+        EvalDataset(att.test_index, p.input_size),
+        batch_size=p.batch_size_test,
+        shuffle=False,
+        collate_fn=collate_eval,
+        generator=torch.Generator().manual_seed(0),
+        **common,
+    )
+    return sampler, train, test
+
+
+def set_frozen(model: Detector, frozen: bool) -> None:
+    """freeze_epoch: the backbone's weights and BN statistics stay fixed while frozen."""
+    for prm in model.backbone.parameters():
+        prm.requires_grad_(not frozen)
+    if frozen:
+        model.backbone.eval()
+
+
+def train_epoch(att: Attempt, loader: DataLoader, sampler: EpochBatchSampler, epoch: int) -> dict[str, float]:
+    """One epoch of optimizer steps; reports every step; raises NonFiniteLoss on NaN/inf."""
+    p, sup, model, opt, scaler = att.params, att.sup, att.model, att.optimizer, att.scaler
+    model.train()
+    set_frozen(model, epoch < p.freeze_epoch)
+    sampler.set_epoch(epoch, multiscale=epoch < p.multi_scale_epoch)
+    micro_total = len(sampler)
+    steps = math.ceil(micro_total / att.accum)
+    fmt = torch.channels_last if att.channels_last else torch.contiguous_format
+    params_list = [q for g in opt.param_groups for q in g["params"]]
+    loss_sum, images, skipped, t0 = 0.0, 0, 0, time.perf_counter()
+    step_loss, lr = 0.0, 0.0
+    opt.zero_grad(set_to_none=True)
+    for mb, (imgs, gt) in enumerate(_progress(loader, micro_total, f"epoch {epoch}")):
+        step, first = divmod(mb, att.accum)
+        first = first == 0
+        if first:
+            lr = att.schedule.lr_at(step_position(epoch, step, steps))
+            for g in opt.param_groups:
+                g["lr"] = lr
+            step_loss = 0.0
+            kind = faults.due(p.inject_fault, sup.attempt, epoch, step)
+            if kind not in (None, "nan"):
+                faults.fire(kind, att.device)
+        x = imgs.to(att.device, non_blocking=True).float().div_(255.0).contiguous(memory_format=fmt)
+        with torch.autocast(att.device.type, dtype=torch.float16, enabled=att.autocast):
+            outputs = model(x)
+        loss, _ = yolo_loss(outputs, gt, att.anchors, att.weights, epoch)
+        if first and kind == "nan":
+            loss = faults.poison_loss(loss)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            sup.step(epoch, step, value)  # reports it and raises NonFiniteLoss
+        scaler.scale(loss / att.accum).backward()
+        step_loss += value / att.accum
+        images += imgs.shape[0]
+        if (mb + 1) % att.accum == 0 or mb + 1 == micro_total:
+            if p.clip_max_norm:
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(params_list, p.clip_max_norm)
+            before = scaler.get_scale() if scaler.is_enabled() else 0.0
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad(set_to_none=True)
+            skipped = skipped + 1 if scaler.is_enabled() and scaler.get_scale() < before else 0
+            if skipped >= p.amp_skip_limit:
+                log.error("GradScaler skipped %d optimizer steps in a row: the gradients are not finite", skipped)
+                sup.step(epoch, step, float("nan"), amp_skipped_steps=skipped)
+            sup.step(epoch, step, step_loss, lr=lr)
+            loss_sum += step_loss
+    seconds = time.perf_counter() - t0
+    return {"loss": loss_sum / max(1, steps), "lr": lr, "img_s": images / max(seconds, 1e-9), "seconds": seconds}
+
+
+@torch.no_grad()
+def evaluate(att: Attempt, loader: DataLoader, epoch: int) -> dict[str, Any]:
+    """Eval loss, AP50 and VOCmAP over the first test_pr_batch_ratio of the test batches."""
+    p, sup, model = att.params, att.sup, att.model
+    model.eval()
+    n_batches = max(1, math.ceil(p.test_pr_batch_ratio * len(loader)))
+    dets: list[dict[str, Any]] = []
+    seen: list[int] = []
+    loss_sum, last_beat = 0.0, time.monotonic()
+    fmt = torch.channels_last if att.channels_last else torch.contiguous_format
+    for b, (imgs, gt, idxs, boxes_meta) in enumerate(_progress(loader, n_batches, f"eval {epoch}")):
+        if b >= n_batches:
+            break
+        x = imgs.to(att.device, non_blocking=True).float().div_(255.0).contiguous(memory_format=fmt)
+        with torch.autocast(att.device.type, dtype=torch.float16, enabled=att.autocast):
+            outputs = model(x)
+        loss, _ = yolo_loss(outputs, gt, att.anchors, att.weights, epoch)
+        loss_sum += float(loss)
+        results = postprocess(
+            outputs, att.anchors, (x.shape[2], x.shape[3]), p.conf_thres, p.conf_ratio_thres, p.nms_thres, p.max_det
+        )
+        for i, res, (scale, px, py) in zip(idxs, results, boxes_meta, strict=True):
+            h, w = (int(v) for v in att.test_index.sizes[i])
+            bx = res["boxes"].cpu().double()
+            bx[:, 0::2] = ((bx[:, 0::2] - px) / scale).clamp(0, w)
+            bx[:, 1::2] = ((bx[:, 1::2] - py) / scale).clamp(0, h)
+            bx[:, 2:] -= 1.0  # continuous -> VOC pixel-inclusive
+            for box, s, lab in zip(bx.tolist(), res["scores"].tolist(), res["labels"].tolist(), strict=True):
+                dets.append({"image_id": i, "label": lab, "score": s, "box": box})
+            seen.append(i)
+        if time.monotonic() - last_beat > HEARTBEAT_EVERY_S:
+            sup.heartbeat(epoch=epoch, phase="eval", batch=b)
+            last_beat = time.monotonic()
+    annotations = []
+    for i in seen:
+        boxes, labels, diff = att.test_index.objects(i)
+        for box, lab, d in zip(boxes.tolist(), labels.tolist(), diff.tolist(), strict=True):
+            annotations.append(
+                {"image_id": i, "label": lab, "box": [box[0], box[1], box[2] - 1, box[3] - 1], "difficult": d}
+            )
+    res = evaluate_detections(dets, annotations)
+    names = att.params.class_names
+    per_class = {names[int(k)]: v["AP50"] for k, v in res["per_class"].items()}
+    return {"AP50": res["AP50"], "VOCmAP": res["VOCmAP"], "loss": loss_sum / n_batches, "per_class": per_class}
+
+
+def run(params: Params, sup: Supervised) -> dict[str, Any]:
+    """Train epochs start_epoch .. epochs-1; returns the metrics of the last epoch."""
+    att = setup(params, sup)
+    start = sup.start_epoch
+    log.info(
+        "training epochs %d..%d on %s, seed %d, attempt %d", start, att.epochs - 1, att.device, sup.seed, sup.attempt
+    )
+    if att.schedule.length < att.epochs:
+        log.warning(
+            "the LR schedule ends at epoch %g (LR 0 afterwards) but the run has %d epochs",
+            att.schedule.length,
+            att.epochs,
+        )
+    sampler, train_loader, test_loader = _loaders(att)
+    last: dict[str, Any] = {}
+    for epoch in range(start, att.epochs):
+        stats = train_epoch(att, train_loader, sampler, epoch)
+        metrics: dict[str, Any] = {"train_loss": stats["loss"]}
+        line = (
+            f"epoch {epoch}/{att.epochs - 1} loss {stats['loss']:.4f} lr {stats['lr']:.5f} "
+            f"{stats['img_s']:.1f} img/s {stats['seconds']:.1f}s"
+        )
+        if epoch >= params.test_pr_after_epoch:
+            ev = evaluate(att, test_loader, epoch)
+            sup.eval(epoch, {"AP50": ev["AP50"], "VOCmAP": ev["VOCmAP"], "loss": ev["loss"]})
+            metrics.update(ev)
+            line += f" | AP50 {ev['AP50']:.4f} VOCmAP {ev['VOCmAP']:.4f} eval loss {ev['loss']:.4f}"
+        log.info(line)
+        att.history[str(epoch)] = {k: v for k, v in metrics.items() if k != "per_class"}
+        sup.save_checkpoint(checkpoint_state(att, epoch, {**att.history, "last": metrics}), epoch)
+        last = metrics
+    return last
