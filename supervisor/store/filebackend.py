@@ -23,7 +23,6 @@ from typing import TypeVar
 from filelock import FileLock, Timeout
 from tenacity import (
     Retrying,
-    before_sleep_log,
     retry_if_exception_type,
     stop_after_attempt,
     wait_random_exponential,
@@ -39,6 +38,7 @@ from supervisor.store.backend import (
     TransientStoreError,
 )
 from supervisor.store.base import StoreError
+from supervisor.store.progress import log_retry
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -87,7 +87,7 @@ class FileBackend(ObjectBackend):
             retry=retry_if_exception_type(TransientStoreError),
             stop=stop_after_attempt(self.retry_attempts),
             wait=wait_random_exponential(multiplier=0.2, max=5),
-            before_sleep=before_sleep_log(log, logging.WARNING),
+            before_sleep=log_retry,
             reraise=True,
         )
         return retrying(once)

@@ -6,6 +6,8 @@ import logging
 import threading
 import time
 
+from tenacity import RetryCallState
+
 log = logging.getLogger("supervisor.store")
 
 LARGE = 64 * 1024 * 1024
@@ -48,3 +50,10 @@ class ProgressLog:
             pct,
             human_bytes(done / max(elapsed, 1e-6)),
         )
+
+
+def log_retry(state: RetryCallState) -> None:
+    """tenacity before_sleep hook: one line naming the fault and when the next try comes."""
+    exc = state.outcome.exception() if state.outcome is not None else None
+    wait = state.next_action.sleep if state.next_action is not None else 0.0
+    log.warning("%s; try %d again in %.1fs", exc, state.attempt_number + 1, wait)

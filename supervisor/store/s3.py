@@ -26,7 +26,6 @@ from s3transfer.subscribers import BaseSubscriber
 from s3transfer.utils import ChunksizeAdjuster
 from tenacity import (
     Retrying,
-    before_sleep_log,
     retry_if_exception_type,
     stop_after_attempt,
     wait_random_exponential,
@@ -41,6 +40,7 @@ from supervisor.store.backend import (
     TransientStoreError,
 )
 from supervisor.store.base import StoreError
+from supervisor.store.progress import log_retry
 from supervisor.store.settings import SECRET_HINT, StorageSettings
 
 log = logging.getLogger(__name__)
@@ -219,7 +219,7 @@ class S3Backend(ObjectBackend):
             retry=retry_if_exception_type(TransientStoreError),
             stop=stop_after_attempt(attempts or self.settings.retry_attempts),
             wait=wait_random_exponential(multiplier=0.5, max=15),
-            before_sleep=before_sleep_log(log, logging.WARNING),
+            before_sleep=log_retry,
             reraise=True,
         )
         return retrying(once)

@@ -4,6 +4,7 @@ retention, leases. No part of the store is mocked."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import threading
@@ -154,7 +155,7 @@ def test_two_supervisors_race_for_one_run(remote: Remote, tmp_path: Path) -> Non
     message = str(loser_error)
     assert "\n" not in message
     assert winner.lease.holder in message and winner.lease.host in message
-    assert "renewed 0s ago" in message or "renewed 1s ago" in message
+    assert re.search(r"renewed [0-2]s ago", message)
 
 
 def test_released_lease_is_taken_at_once(remote: Remote, tmp_path: Path) -> None:
@@ -182,7 +183,7 @@ def test_stale_lease_is_taken_over_but_a_live_one_is_not(remote: Remote, tmp_pat
     with pytest.raises(LeaseHeld) as info:
         remote.store("live", tmp_path / "b").open()
     assert "other0000000" in str(info.value) and "busy-host" in str(info.value)
-    assert "renewed 5s ago" in str(info.value)
+    assert re.search(r"renewed [5-7]s ago", str(info.value))
 
 
 def test_lease_left_by_a_dead_supervisor_of_this_run_dir(remote: Remote, tmp_path: Path) -> None:
