@@ -64,7 +64,7 @@ class AttemptResult:
     steps: int
     detail: str = ""
     tail: list[str] = field(default_factory=list)
-    detected_after_s: float | None = None
+    detected_at: float | None = None  # unix time the watchdog named the fault
 
 
 @dataclass
@@ -103,8 +103,7 @@ class Attempt:
         self.proc: subprocess.Popen[bytes] | None = None
         self.fault: Fault | None = None
         self.detail = ""
-        self.evidence_at: float | None = None
-        self.detected_at: float | None = None
+        self.detected_wall: float | None = None
         self.epoch = spec.start_epoch
         self.steps = 0
         self.recorded: set[int] = set()
@@ -119,12 +118,11 @@ class Attempt:
         log.debug("attempt %d: %s -> %s (%s)", self.spec.attempt, self.state, state, why)
         self.state = state
 
-    def _set_fault(self, fault: Fault, detail: str, evidence_at: float | None = None) -> None:
+    def _set_fault(self, fault: Fault, detail: str) -> None:
         if self.fault is None:
             self.fault = fault
             self.detail = detail
-            self.evidence_at = evidence_at if evidence_at is not None else time.monotonic()
-            self.detected_at = time.monotonic()
+            self.detected_wall = time.time()
             log.warning("attempt %d: %s during epoch %d: %s", self.spec.attempt, fault, self.epoch, detail)
 
     # -- launch -----------------------------------------------------------------------------
@@ -257,7 +255,7 @@ class Attempt:
         fault = classify_line(line)
         if fault in (Fault.CUDA_ERROR, Fault.GPU_OOM, Fault.DISK_FULL) and self.fault is None:
             # Sticky CUDA errors poison the process: it may linger or hang. Give it a moment to exit.
-            self._set_fault(fault, line.strip()[:300], evidence_at=at)
+            self._set_fault(fault, line.strip()[:300])
         if self.cfg.trainer.mode != "zero-code" or self.fault is not None:
             return
         w = self.cfg.watch
@@ -267,12 +265,12 @@ class Attempt:
                 for epoch, path in self._scanner.poll(self.recorded, finished_below=self.epoch):
                     self._record(epoch, path, {})
         if w.nan_regex and re.search(w.nan_regex, line):
-            self._set_fault(Fault.NAN, line.strip()[:300], evidence_at=at)
+            self._set_fault(Fault.NAN, line.strip()[:300])
         elif m := re.search(w.loss_regex, line, re.IGNORECASE):
             self.steps += 1
             value = P.to_number(m.group("loss"))
             if value is None or not math.isfinite(value):
-                self._set_fault(Fault.NAN, line.strip()[:300], evidence_at=at)
+                self._set_fault(Fault.NAN, line.strip()[:300])
 
     def run(self) -> AttemptResult:
         """Watch the attempt until its process tree is gone; return how it ended."""
@@ -312,8 +310,7 @@ class Attempt:
             if self.fault is None:
                 limit = w.heartbeat_timeout_s if seen_activity else (w.startup_timeout_s or w.heartbeat_timeout_s)
                 if now - last_activity > limit:
-                    self._set_fault(Fault.HANG, f"no event and no output for {now - last_activity:.0f}s",
-                                    evidence_at=last_activity + limit)  # fmt: skip
+                    self._set_fault(Fault.HANG, f"no event and no output for {now - last_activity:.0f}s")
                 elif budget is not None and now >= next_mem:
                     next_mem = now + 0.5
                     used = tree_memory(self.proc.pid)
@@ -361,7 +358,5 @@ class Attempt:
             if fault is not None:
                 self._set_fault(fault, f"{describe_exit(rc)}; last output: {tail[-1] if tail else ''}"[:300])
         self._to("ended", describe_exit(rc))
-        delay = None
-        if self.detected_at is not None and self.evidence_at is not None:
-            delay = max(0.0, self.detected_at - self.evidence_at)
-        return AttemptResult(self.fault, describe_exit(rc), self.epoch, self.steps, self.detail, tail[-20:], delay)
+        return AttemptResult(self.fault, describe_exit(rc), self.epoch, self.steps, self.detail, tail[-20:],
+                             self.detected_wall)  # fmt: skip

@@ -253,7 +253,7 @@ class Watchdog:
             detail = f"exited 0 before the checkpoint of epoch {cfg.epochs - 1} was verified"
         self.ledger.append(L.ATTEMPT_ENDED, attempt=number, fault=fault.value if fault else None, exit=result.exit,
                            failed_epoch=result.failed_epoch, steps=result.steps, progressed=self._attempt_progressed,
-                           detail=detail, tail=result.tail, detected_after_s=result.detected_after_s)  # fmt: skip
+                           detail=detail, tail=result.tail, detected_at=result.detected_at)  # fmt: skip
         self._attempt = None
         if fault is not None:
             log.info("attempt %d ended: %s (%s)", number, fault.value, result.exit)

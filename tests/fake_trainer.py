@@ -32,6 +32,12 @@ def fault_at(faults: list[dict], attempt: int, epoch: int, step: int) -> str | N
     return None
 
 
+def evidence(sup: Supervised, kind: str) -> None:
+    """Note when a fault's evidence appeared, for the detection-latency benchmark."""
+    with open(sup.run_dir / "evidence.jsonl", "a") as f:
+        f.write(json.dumps({"attempt": sup.attempt, "kind": kind, "t": time.time()}) + "\n")
+
+
 def main() -> int:
     sup = Supervised.from_env()
     p = sup.params
@@ -67,6 +73,8 @@ def main() -> int:
         for step in range(steps):
             kind = fault_at(faults, sup.attempt, epoch, step)
             loss = 1.0 / (1 + epoch + step / steps)
+            if kind and kind not in ("hang", "cpu_oom", "disk_fill"):
+                evidence(sup, kind)
             if kind == "nan":
                 loss = float("nan")
             elif kind == "crash":
@@ -101,14 +109,17 @@ def main() -> int:
             elif kind == "hang":
                 time.sleep(3600)
             try:
-                sup.step(epoch, step, loss)
+                sup.step(epoch, step, loss, t=time.time())
             except NonFiniteLoss as exc:
                 sys.stderr.write(f"fake trainer: {exc}\n")
                 return 3
             time.sleep(step_s)
         state = hashlib.sha256(f"{state}|{sup.seed}|{epoch}".encode()).hexdigest()[:16]
         if p.get("eval", True):
-            value = float("nan") if fault_at(faults, sup.attempt, epoch, -1) == "test_nan" else 0.5 + epoch / 100
+            value = 0.5 + epoch / 100
+            if fault_at(faults, sup.attempt, epoch, -1) == "test_nan":
+                value = float("nan")
+                evidence(sup, "test_nan")
             sup.eval(epoch, {"AP50": value, "VOCmAP": value - 0.01})
         body = json.dumps({"epoch": epoch, "seed": sup.seed, "state": state}).encode()
         pad = b" " * max(0, int(p.get("ckpt_bytes", 0)) - len(body))
