@@ -99,7 +99,11 @@ class RemoteStore(Store):
             self._cond.notify_all()
         for thread in self._threads:
             thread.join(timeout=2)
-        self.lease.stop(release=True)
+        # An upload still in flight could land after a successor took the lease: then let it expire.
+        stuck = any(thread.is_alive() for thread in self._threads)
+        if stuck:
+            log.warning("a transfer is still running; the lease of run %s is left to expire", self.run)
+        self.lease.stop(release=not stuck)
         self.backend.close()
 
     def lost_lease(self) -> bool:

@@ -13,9 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from s3_support import SERVICES, Remote, Weed, find_weed, free_ports, storage_settings
 
 from supervisor.store.settings import StorageSettings
+
+from .s3_support import SERVICES, Remote, Weed, find_weed, free_ports, storage_settings
 
 
 @pytest.fixture(scope="session")

@@ -12,11 +12,12 @@ import time
 from pathlib import Path
 
 import pytest
-from s3_support import Remote, make_checkpoint, wait_for
 
 from supervisor.store.base import LeaseHeld
 from supervisor.store.lease import LEASE_KEY, LeaseInfo, _boot_id
 from supervisor.store.remote import LEDGER_KEY, manifest_key
+
+from .s3_support import Remote, make_checkpoint, wait_for
 
 
 def _ledger(run_dir: Path, *lines: dict) -> Path:

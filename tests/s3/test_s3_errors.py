@@ -6,11 +6,12 @@ import logging
 import time
 
 import pytest
-from s3_support import Weed, free_ports, storage_settings
 
 from supervisor.store.base import StoreError
 from supervisor.store.factory import open_store
 from supervisor.store.settings import StorageSettings, refuse_secrets
+
+from .s3_support import Weed, free_ports, storage_settings
 
 
 def _open_error(settings: StorageSettings, run: str = "r") -> str:

@@ -9,13 +9,14 @@ import logging
 from pathlib import Path
 
 import pytest
-from s3_support import TcpProxy, Weed, make_checkpoint, storage_settings, wait_for
 
 from supervisor.client import sha256_file
 from supervisor.store.base import LeaseHeld
 from supervisor.store.factory import open_store
 from supervisor.store.lease import LEASE_KEY, LeaseInfo
 from supervisor.store.remote import LEDGER_KEY, manifest_key
+
+from .s3_support import TcpProxy, Weed, make_checkpoint, storage_settings, wait_for
 
 MiB = 1024 * 1024
 

@@ -1,0 +1,1 @@
+"""Storage tests against a real SeaweedFS server (see conftest.py)."""
