@@ -301,6 +301,8 @@ class Attempt:
                 next_scan = now + 0.5
                 for epoch, path in scanner.poll(self.recorded):
                     self._record(epoch, path, {})
+            if self.fault is None and (reason := self.hooks.stop_reason()) is not None:
+                self._set_fault(reason, "pause requested")  # before the exit check: our kill may end it
             if now >= next_cg:
                 next_cg = now + 0.5
                 self.oom.sample_tree(self.proc.pid)
@@ -324,8 +326,6 @@ class Attempt:
                     next_disk = now + 2.0
                     if free_bytes(self.run_dir) < w.disk_min_free and not self.hooks.on_disk_low():
                         self._set_fault(Fault.DISK_FULL, f"free space below disk_min_free ({w.disk_min_free} bytes)")
-                if self.fault is None and (reason := self.hooks.stop_reason()) is not None:
-                    self._set_fault(reason, "pause requested")
             if self.fault is not None and self.kill_at is None:
                 if self.fault in (Fault.STOPPED, Fault.TIME_LIMIT, Fault.PREEMPTED):
                     self.stop(w.stop_grace_s)
