@@ -14,6 +14,7 @@ import base64
 import hashlib
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -243,9 +244,6 @@ class S3Backend(ObjectBackend):
         size = path.stat().st_size
         multipart = size >= self._transfer_config.multipart_threshold
         part = ChunksizeAdjuster().adjust_chunksize(self._transfer_config.multipart_chunksize, size)
-        actual, expected_checksum = file_checksums(path, part if multipart else None)
-        if actual != sha256:
-            raise LocalFileChanged(f"{path} has sha256 {actual[:12]}..., expected {sha256[:12]}...")
         full_key = self._key(key)
         extra = {"ChecksumAlgorithm": "SHA256", "Metadata": {"sha256": sha256}}
         subscribers = [_ProgressSubscriber(progress)] if progress else None
@@ -254,20 +252,31 @@ class S3Backend(ObjectBackend):
             future = self._tm.upload(str(path), self.bucket, full_key, extra_args=extra, subscribers=subscribers)
             future.result()
 
-        self._call(f"upload of {key}", upload)
+        # Hash the local file while it uploads (the upload is bound by the network or the server);
+        # nothing counts as uploaded until both the local digest and the stored checksum agree.
+        with ThreadPoolExecutor(1, thread_name_prefix="s3-hash") as pool:
+            hashing = pool.submit(file_checksums, path, part if multipart else None)
+            try:
+                self._call(f"upload of {key}", upload)
+            finally:
+                actual, expected_checksum = hashing.result()
+        if actual != sha256:
+            self.delete(key)
+            raise LocalFileChanged(f"{path} has sha256 {actual[:12]}..., expected {sha256[:12]}...")
         head = self._call(
             f"check of {key}",
             lambda: self._client.head_object(Bucket=self.bucket, Key=full_key, ChecksumMode="ENABLED"),
         )
         stored = head.get("ChecksumSHA256")
-        if head["ContentLength"] != size or (stored is not None and stored != expected_checksum):
+        comparable = stored is not None and ("-" in stored) == ("-" in expected_checksum)
+        if head["ContentLength"] != size or (comparable and stored != expected_checksum):
             self.delete(key)
-            raise StoreError(
+            raise TransientStoreError(
                 f"{self._where}/{key}: the stored object does not match the local file "
-                f"(size {head['ContentLength']} vs {size}); it was deleted and will be uploaded again"
+                f"(size {head['ContentLength']} vs {size}); deleted, to be uploaded again"
             )
-        if stored is None:
-            log.debug("%s returned no SHA-256 checksum for %s; relying on per-request checks", self._where, key)
+        if not comparable:
+            log.debug("%s reported no comparable SHA-256 for %s; relying on per-request checks", self._where, key)
         return ObjectInfo(key=key, size=size, etag=head["ETag"], sha256=sha256)
 
     def get_file(self, key: str, path: Path, progress: Progress | None = None) -> bool:

@@ -95,8 +95,8 @@ class StorageSettings:
                 f"storage.addressing_style: expected one of {', '.join(ADDRESSING_STYLES)}, "
                 f"got {self.addressing_style!r}"
             )
-        if self.lease_ttl_s < 1:
-            raise ValueError("storage.lease_ttl_s: expected at least 1 second")
+        if self.lease_ttl_s <= 0:
+            raise ValueError("storage.lease_ttl_s: expected a positive number of seconds")
         if self.drain_timeout_s < 0:
             raise ValueError("storage.drain_timeout_s: expected 0 or more seconds")
         if self.multipart_chunksize < 5 * MiB or self.multipart_threshold < 5 * MiB:
