@@ -202,6 +202,9 @@ class PlatformConfig(_Strict):
     session_limit_s: Annotated[float, Field(gt=0)] | None = None
     stop_margin_s: Annotated[float, Field(ge=0)] = 900.0
     detect: Literal["auto", "generic", "kaggle", "colab"] = "auto"
+    spot: Literal["off", "auto", "aws", "gcp", "azure"] = "auto"
+    notice_poll_s: Annotated[float, Field(gt=0)] = 5.0
+    metadata_url: str | None = None
 
 
 class RunConfig(_Strict):

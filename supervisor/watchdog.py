@@ -24,6 +24,7 @@ from supervisor.client import atomic_write, sha256_file
 from supervisor.config import RunConfig
 from supervisor.faults import Fault
 from supervisor.platforms import Platform, detect
+from supervisor.platforms.notices import NoticePoller
 from supervisor.store.base import CheckpointRecord, Store
 
 log = logging.getLogger("supervisor")
@@ -61,6 +62,8 @@ class Watchdog:
         self.platform = platform or detect(cfg.platform.detect, cfg.platform.session_limit_s)
         self.echo = echo
         self.ledger = L.Ledger(self.run_dir / L.LEDGER_NAME, on_append=store.ledger_changed)
+        p = cfg.platform
+        self.notices = NoticePoller(p.spot, p.notice_poll_s, p.metadata_url)
         self._stop: Fault | None = None
         self._signals = 0
         self._resuming_from: int | None = None
@@ -82,6 +85,9 @@ class Watchdog:
             (self.run_dir / STOP_NAME).unlink(missing_ok=True)
             log.warning("stop requested (supervisor stop): pausing the run")
             self._stop = Fault.STOPPED
+        if self._stop is None and (notice := self.notices.notice()) is not None:
+            log.warning("%s: pausing the run so it can resume on another machine", notice)
+            self._stop = Fault.PREEMPTED
         deadline = self.platform.deadline(self.cfg.platform.stop_margin_s)
         if self._stop is None and deadline is not None and time.time() >= deadline:
             log.warning("%s session limit is near: pausing the run so it can resume elsewhere", self.platform.name)
@@ -156,12 +162,14 @@ class Watchdog:
                 {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}).encode()))  # fmt: skip
             (self.run_dir / STOP_NAME).unlink(missing_ok=True)
             self.store.open()
+            self.notices.start()
             if not self.ledger.path.exists() and self.store.restore(self.run_dir):
                 log.info("continuing the run found in %s", self.store.describe())
             return self._drive()
         finally:
             for s, h in old_handlers.items():
                 signal.signal(s, h)
+            self.notices.close()
             self.store.close()
             (self.run_dir / HOLDER_NAME).unlink(missing_ok=True)
             lock.release()

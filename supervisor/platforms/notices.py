@@ -1,0 +1,127 @@
+"""Spot/preemptible interruption notices from the cloud's metadata service, polled in the background.
+
+AWS (IMDSv2 `spot/instance-action`, ~2 min notice), GCP (`instance/preempted` = TRUE, 30 s) and
+Azure (Scheduled Events `Preempt`, >= 30 s); see ../shared/reference/platforms.md section 3.
+The watchdog only reads `notice()`; the poller never blocks it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import urllib.error
+import urllib.request
+
+log = logging.getLogger("supervisor")
+
+DEFAULT_URLS = {
+    "aws": "http://169.254.169.254",
+    "gcp": "http://metadata.google.internal",
+    "azure": "http://169.254.169.254",
+}
+
+
+def _get(url: str, headers: dict[str, str], timeout: float, method: str = "GET") -> tuple[int, str]:
+    req = urllib.request.Request(url, headers=headers, method=method)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:  # noqa: S310 - fixed metadata urls
+            return resp.status, resp.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as exc:
+        return exc.code, ""
+
+
+def check_aws(base: str, timeout: float) -> str | None:
+    status, token = _get(f"{base}/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "300"}, timeout, "PUT")
+    headers = {"X-aws-ec2-metadata-token": token} if status == 200 else {}
+    status, body = _get(f"{base}/latest/meta-data/spot/instance-action", headers, timeout)
+    if status == 200 and body.strip():
+        try:
+            action = json.loads(body)
+            return f"AWS spot interruption: {action.get('action')} at {action.get('time')}"
+        except ValueError:
+            return "AWS spot interruption notice"
+    return None
+
+
+def check_gcp(base: str, timeout: float) -> str | None:
+    status, body = _get(f"{base}/computeMetadata/v1/instance/preempted", {"Metadata-Flavor": "Google"}, timeout)
+    return "GCP preemption (instance/preempted = TRUE)" if status == 200 and body.strip() == "TRUE" else None
+
+
+def check_azure(base: str, timeout: float) -> str | None:
+    url = f"{base}/metadata/scheduledevents?api-version=2020-07-01"
+    status, body = _get(url, {"Metadata": "true"}, timeout)
+    if status != 200:
+        return None
+    try:
+        events = json.loads(body).get("Events", [])
+    except ValueError:
+        return None
+    for ev in events:
+        if ev.get("EventType") == "Preempt":
+            return f"Azure spot eviction (Preempt, not before {ev.get('NotBefore')})"
+    return None
+
+
+CHECKS = {"aws": check_aws, "gcp": check_gcp, "azure": check_azure}
+
+# How each cloud's metadata service proves it is there (AWS and Azure share 169.254.169.254).
+PROBES = {
+    "aws": ("/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "60"}, "PUT"),
+    "gcp": ("/computeMetadata/v1/instance/id", {"Metadata-Flavor": "Google"}, "GET"),
+    "azure": ("/metadata/instance?api-version=2021-02-01", {"Metadata": "true"}, "GET"),
+}
+
+
+class NoticePoller:
+    """Polls one cloud's metadata service every `interval_s` in a daemon thread; `notice()` is the
+    first interruption notice seen, or None. With cloud="auto" it tries each cloud once and keeps
+    the first whose metadata service answers; none answering ends the thread quietly."""
+
+    def __init__(self, cloud: str, interval_s: float = 5.0, base_url: str | None = None, timeout_s: float = 1.0):
+        self.cloud = cloud
+        self.interval_s = interval_s
+        self.base_url = base_url
+        self.timeout_s = timeout_s
+        self._notice: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> NoticePoller:
+        if self.cloud != "off":
+            self._thread = threading.Thread(target=self._loop, name="notices", daemon=True)
+            self._thread.start()
+        return self
+
+    def notice(self) -> str | None:
+        return self._notice
+
+    def close(self) -> None:
+        self._stop.set()
+
+    def _answers(self, cloud: str) -> bool:
+        path, headers, method = PROBES[cloud]
+        try:
+            return _get((self.base_url or DEFAULT_URLS[cloud]) + path, headers, self.timeout_s, method)[0] == 200
+        except (OSError, urllib.error.URLError):
+            return False
+
+    def _loop(self) -> None:
+        clouds = list(CHECKS) if self.cloud == "auto" else [self.cloud]
+        if self.cloud == "auto":
+            clouds = [c for c in clouds if self._answers(c)][:1]
+            if not clouds:
+                return
+            log.info("watching %s interruption notices", clouds[0])
+        cloud = clouds[0]
+        base = self.base_url or DEFAULT_URLS[cloud]
+        while not self._stop.is_set():
+            try:
+                found = CHECKS[cloud](base, self.timeout_s)
+            except (OSError, urllib.error.URLError):
+                found = None
+            if found:
+                self._notice = found
+                return
+            self._stop.wait(self.interval_s)
