@@ -126,9 +126,10 @@ class S3Backend(ObjectBackend):
         try:
             session = boto3.session.Session(profile_name=settings.profile)
         except bx.ProfileNotFound:
+            where = f"storage.profile {settings.profile!r}" if settings.profile else "AWS_PROFILE"
             raise StoreError(
-                f"storage.profile {settings.profile!r} is not in ~/.aws/credentials or ~/.aws/config: "
-                "add it there or remove [storage] profile"
+                f"{where} names a profile that is not in ~/.aws/credentials or ~/.aws/config: "
+                "add it there, or name another"
             ) from None
         region = settings.region or session.region_name or "us-east-1"
         config = Config(

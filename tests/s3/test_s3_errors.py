@@ -105,5 +105,11 @@ def test_settings_are_validated() -> None:
 
 
 def test_missing_profile(weed: Weed) -> None:
-    with pytest.raises(StoreError, match="storage.profile 'nope' is not in"):
+    with pytest.raises(StoreError, match="storage.profile 'nope' names a profile that is not in"):
         open_store(storage_settings(weed, profile="nope"), "r")
+
+
+def test_missing_env_profile(weed: Weed, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("AWS_PROFILE", "ghost")
+    with pytest.raises(StoreError, match="AWS_PROFILE names a profile"):
+        open_store(storage_settings(weed), "r")
