@@ -75,6 +75,7 @@ class Hooks:
     on_metrics: Callable[[int, dict], None]
     stop_reason: Callable[[], Fault | None]  # a pause asked for from outside (signal, stop file, clock)
     on_disk_low: Callable[[], bool]  # prune; True if space is now enough
+    tick: Callable[[], None]  # called once per watch-loop iteration
 
 
 def build_argv(cfg: RunConfig, values: dict[str, str]) -> list[str]:
@@ -301,6 +302,7 @@ class Attempt:
                 next_scan = now + 0.5
                 for epoch, path in scanner.poll(self.recorded):
                     self._record(epoch, path, {})
+            self.hooks.tick()
             if self.fault is None and (reason := self.hooks.stop_reason()) is not None:
                 self._set_fault(reason, "pause requested")  # before the exit check: our kill may end it
             if now >= next_cg:

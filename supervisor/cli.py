@@ -60,7 +60,7 @@ def open_store(cfg: RunConfig):
     from supervisor.store.factory import open_store as open_remote
     from supervisor.store.settings import StorageSettings
 
-    return open_remote(StorageSettings(**cfg.storage.model_dump()), cfg.name)
+    return open_remote(StorageSettings(**cfg.storage.model_dump()), cfg.name, cfg.resolved_run_dir())
 
 
 def cmd_validate(args: argparse.Namespace) -> int:

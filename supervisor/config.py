@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -189,6 +189,18 @@ class StorageConfig(_Strict):
     profile: str | None = None
     lease_ttl_s: Annotated[float, Field(gt=0)] = 60.0
     drain_timeout_s: Annotated[float, Field(ge=0)] = 300.0
+    multipart_threshold: int = 16 * 2**20
+    multipart_chunksize: int = 16 * 2**20
+    max_concurrency: Annotated[int, Field(ge=1, le=64)] = 8
+    retry_attempts: Annotated[int, Field(ge=1, le=100)] = 6
+
+    @field_validator("multipart_threshold", "multipart_chunksize", mode="before")
+    @classmethod
+    def _bytes(cls, v: Any) -> Any:
+        size = parse_size(v, "a size")
+        if isinstance(size, float):
+            raise ValueError("expected a size in bytes such as 16MiB, not a percentage")
+        return size
 
     @field_validator("url")
     @classmethod
@@ -196,6 +208,16 @@ class StorageConfig(_Strict):
         if not re.match(r"^(s3://[^/]+|file://)", v):
             raise ValueError("expected s3://bucket/prefix or file:///absolute/path")
         return v.rstrip("/")
+
+    @model_validator(mode="after")
+    def _settings(self) -> StorageConfig:
+        from supervisor.store.settings import StorageSettings
+
+        try:
+            StorageSettings(**self.model_dump())
+        except ValueError as exc:  # its messages start with "storage.<key>: "
+            raise ValueError(str(exc).removeprefix("storage.")) from None
+        return self
 
 
 class PlatformConfig(_Strict):

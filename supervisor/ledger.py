@@ -36,14 +36,24 @@ STATUS_COMPLETED = "completed"
 STATUS_GAVE_UP = "gave up"
 
 
-class Ledger:
-    """Appends facts to ledger.jsonl; each line is on disk (fsync) before append() returns."""
+class Fenced(RuntimeError):
+    """Another supervisor took this run over: nothing more may be written."""
 
-    def __init__(self, path: Path, on_append: Any = None):
+
+class Ledger:
+    """Appends facts to ledger.jsonl; each line is on disk (fsync) before append() returns.
+
+    `fenced()` is asked before every write; once it says True, append() raises Fenced.
+    """
+
+    def __init__(self, path: Path, on_append: Any = None, fenced: Any = None):
         self.path = path
         self._on_append = on_append
+        self._fenced = fenced
 
     def append(self, fact: str, **fields: Any) -> dict[str, Any]:
+        if self._fenced is not None and self._fenced():
+            raise Fenced(f"not writing '{fact}' to {self.path}: this supervisor lost the run's lease")
         record = {"fact": fact, "ts": round(time.time(), 3), **fields}
         line = json.dumps(record, separators=(",", ":"), allow_nan=True, default=str) + "\n"
         self.path.parent.mkdir(parents=True, exist_ok=True)

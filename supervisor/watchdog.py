@@ -12,6 +12,7 @@ import random
 import signal
 import socket
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -25,12 +26,16 @@ from supervisor.config import RunConfig
 from supervisor.faults import Fault
 from supervisor.platforms import Platform, detect
 from supervisor.platforms.notices import NoticePoller
-from supervisor.store.base import CheckpointRecord, Store
+from supervisor.store.base import CheckpointRecord, Store, StoreError
 
 log = logging.getLogger("supervisor")
 
 EXIT_COMPLETED, EXIT_GAVE_UP, EXIT_USAGE, EXIT_PAUSED = 0, 1, 2, 75
 LOCK_NAME, HOLDER_NAME, STOP_NAME = "supervisor.lock", "supervisor.json", "STOP"
+
+
+def _size_and_sha256(path: Path) -> tuple[int, str]:
+    return path.stat().st_size, sha256_file(path)
 
 
 class LockHeld(RuntimeError):
@@ -61,7 +66,10 @@ class Watchdog:
         self.run_dir = cfg.resolved_run_dir()
         self.platform = platform or detect(cfg.platform.detect, cfg.platform.session_limit_s)
         self.echo = echo
-        self.ledger = L.Ledger(self.run_dir / L.LEDGER_NAME, on_append=store.ledger_changed)
+        self.ledger = L.Ledger(self.run_dir / L.LEDGER_NAME, on_append=store.ledger_changed,
+                               fenced=lambda: not store.writable(wait_s=5.0))  # fmt: skip
+        self._pause_why: str | None = None
+        self._attempt: Attempt | None = None
         p = cfg.platform
         self.notices = NoticePoller(p.spot, p.notice_poll_s, p.metadata_url)
         self._stop: Fault | None = None
@@ -69,6 +77,8 @@ class Watchdog:
         self._resuming_from: int | None = None
         self._high_water_at_start = -1
         self._attempt_progressed = False
+        self._pending: list[tuple[int, Path, dict, Future]] = []
+        self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
 
     # -- outside requests ---------------------------------------------------------------------
 
@@ -81,6 +91,13 @@ class Watchdog:
             self._attempt.kill_tree()
 
     def stop_reason(self) -> Fault | None:
+        if self.store.lost_lease():
+            if self._attempt is not None:
+                self._attempt.kill_tree()  # fencing: another supervisor drives the run now
+            return Fault.STOPPED
+        if self._stop is None and (error := self.store.permanent_error()) is not None:
+            log.error("%s: pausing the run", error)
+            self._stop, self._pause_why = Fault.STOPPED, error
         if self._stop is None and (self.run_dir / STOP_NAME).exists():
             (self.run_dir / STOP_NAME).unlink(missing_ok=True)
             log.warning("stop requested (supervisor stop): pausing the run")
@@ -100,13 +117,21 @@ class Watchdog:
         return L.fold(self.ledger.facts())
 
     def on_checkpoint(self, epoch: int, path: Path, data: dict) -> None:
-        """Verify a checkpoint the trainer announced (complete file, sha256) and record it."""
-        try:
-            size = path.stat().st_size
-            digest = sha256_file(path)
-        except OSError as exc:
-            log.error("checkpoint of epoch %d at %s cannot be read (%s): not recorded", epoch, path, exc.strerror)
-            return
+        """A checkpoint was announced: hash it in the background so the watch loop never stalls."""
+        self._pending.append((epoch, path, data, self._hasher.submit(_size_and_sha256, path)))
+
+    def record_hashed(self, wait: bool = False) -> None:
+        """Record announced checkpoints whose hashing finished, in announcement order."""
+        while self._pending and (wait or self._pending[0][3].done()):
+            epoch, path, data, future = self._pending.pop(0)
+            try:
+                size, digest = future.result()
+            except OSError as exc:
+                log.error("checkpoint of epoch %d at %s cannot be read (%s): not recorded", epoch, path, exc.strerror)
+                continue
+            self._record_checkpoint(epoch, path, data, size, digest)
+
+    def _record_checkpoint(self, epoch: int, path: Path, data: dict, size: int, digest: str) -> None:
         claimed = data.get("sha256")
         if isinstance(claimed, str) and claimed != digest:
             log.error("checkpoint of epoch %d: sha256 differs from the trainer's claim: not recorded", epoch)
@@ -156,7 +181,6 @@ class Watchdog:
             raise LockHeld(f"run dir {self.run_dir} is in use by {describe_holder(self.run_dir)}; "
                            "stop it first (supervisor stop) or wait for it to end") from None  # fmt: skip
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
-        self._attempt: Attempt | None = None
         try:
             atomic_write(self.run_dir / HOLDER_NAME, lambda f: f.write(json.dumps(
                 {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}).encode()))  # fmt: skip
@@ -165,11 +189,18 @@ class Watchdog:
             self.notices.start()
             if not self.ledger.path.exists() and self.store.restore(self.run_dir):
                 log.info("continuing the run found in %s", self.store.describe())
+            self.store.resume_uploads(list(self.view().checkpoints.values()), self.run_dir)
             return self._drive()
+        except L.Fenced:
+            if self._attempt is not None:
+                self._attempt.kill_tree()
+            raise LockHeld(f"run '{self.cfg.name}' was taken over by another supervisor (its lease in "
+                           f"{self.store.describe()} is lost): this one stopped writing") from None  # fmt: skip
         finally:
             for s, h in old_handlers.items():
                 signal.signal(s, h)
             self.notices.close()
+            self._hasher.shutdown(wait=True)
             self.store.close()
             (self.run_dir / HOLDER_NAME).unlink(missing_ok=True)
             lock.release()
@@ -233,7 +264,12 @@ class Watchdog:
 
     def _run_attempt(self, launch: policy.Launch) -> policy.Decision:
         cfg = self.cfg
-        load_epoch, record = self._resume_source(launch.load_epoch)
+        try:
+            load_epoch, record = self._resume_source(launch.load_epoch)
+        except StoreError as exc:
+            log.error("cannot fetch the checkpoint to resume from: %s", exc)
+            self._pause_why = str(exc)
+            return policy.Pause(Fault.STOPPED.value)
         view = self.view()
         number = len(view.attempts)
         spec = AttemptSpec(
@@ -243,7 +279,7 @@ class Watchdog:
         self._resuming_from = load_epoch if load_epoch >= 0 else None
         self._high_water_at_start = view.high_water
         self._attempt_progressed = False
-        hooks = Hooks(self.on_checkpoint, self.on_metrics, self.stop_reason, self.on_disk_low)
+        hooks = Hooks(self.on_checkpoint, self.on_metrics, self.stop_reason, self.on_disk_low, self.record_hashed)
         attempt = self._attempt = Attempt(cfg, self.run_dir, spec, hooks, echo=self.echo)
         argv = attempt.launch()
         self.ledger.append(L.ATTEMPT_STARTED, attempt=number, seed=spec.seed, load_epoch=load_epoch,
@@ -253,6 +289,7 @@ class Watchdog:
         log.info("attempt %d: epoch %d from checkpoint %d, seed %d, reason '%s'%s", number, spec.start_epoch,
                  load_epoch, spec.seed, launch.reason, note)  # fmt: skip
         result = attempt.run()
+        self.record_hashed(wait=True)
         view = self.view()
         fault = result.fault
         detail = result.detail
@@ -276,6 +313,7 @@ class Watchdog:
         missing = self.store.drain(budget)
         if missing:
             log.warning("not yet in %s (the next start uploads them): %s", self.store.describe(), ", ".join(missing))
+        why = self._pause_why or why
         self.ledger.append(L.RUN_ENDED, status=status, diagnosis=why, not_uploaded=missing)
         self.store.drain(min(budget, 30.0))  # the last ledger line itself
         log.info("run %s: %s (%s)", status, self.cfg.name, why)

@@ -4,11 +4,14 @@ for checkpoints that must outlive the machine, remote backends (s3://, file:// e
 The watchdog calls these at fixed points of a run:
   open()                  once, before anything is written (checks access, takes the run's lease)
   restore()               once, when the local run dir has no ledger: pull the remote one
+  resume_uploads()        once, with the verified checkpoints: upload what an earlier session could not
   ensure_local()          before an attempt resumes from a checkpoint the local disk may lack
   checkpoint_verified()   each time a checkpoint is verified; must not block training
   ledger_changed()        after every ledger append; must not block
   remove_checkpoint()     retention decided the checkpoint can go
   lost_lease()            polled by the watchdog; True means stop writing at once (fencing)
+  writable()              asked before every ledger write (fencing after a freeze or partition)
+  permanent_error()       polled by the watchdog; a reason means pause the run with it
   drain()                 on pause and completion: wait for pending work within a budget
   close()                 release the lease, stop background threads
 """
@@ -65,9 +68,21 @@ class Store(ABC):
     def remove_checkpoint(self, record: CheckpointRecord, run_dir: Path) -> None:
         """Retention let `record` go: delete it wherever this store keeps it."""
 
+    def resume_uploads(self, records: list[CheckpointRecord], run_dir: Path) -> None:
+        """At start: make durable any verified checkpoint an earlier session could not upload."""
+
+    def permanent_error(self) -> str | None:
+        """A one-line reason background work stopped for good (bad credentials...), else None."""
+        return None
+
     def lost_lease(self) -> bool:
         """True once another supervisor has taken the run over; the caller must stop writing."""
         return False
+
+    def writable(self, wait_s: float) -> bool:
+        """False once this supervisor is known to have lost the run (fencing); asked before every
+        ledger write. May wait up to wait_s for a late lease renewal to settle the question."""
+        return not self.lost_lease()
 
     def drain(self, timeout_s: float) -> list[str]:
         """Wait up to timeout_s for pending uploads; return what did not make it (empty: all done)."""

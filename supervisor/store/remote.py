@@ -109,6 +109,17 @@ class RemoteStore(Store):
     def lost_lease(self) -> bool:
         return self.lease.lost
 
+    def writable(self, wait_s: float) -> bool:
+        """False once the lease is lost. A lease past its renewal time (this process was frozen, or
+        the network is down) makes us wait up to wait_s for the renewer to settle it: renewed, or
+        lost. Still unsettled, local writes go on; remote ones stay fenced by held()."""
+        deadline = time.monotonic() + wait_s
+        while not self.lease.lost:
+            if self.lease.held() or time.monotonic() >= deadline:
+                return True
+            time.sleep(0.05)
+        return False
+
     def permanent_error(self) -> str | None:
         """The one-line reason background work stopped for good (bad credentials...), else None."""
         return self._error
