@@ -71,6 +71,23 @@ class Attempt:
     history: dict[str, Any] = field(default_factory=dict)
 
 
+@dataclass
+class SkipCounter:
+    """Counts optimizer steps the GradScaler skipped in a row (its scale fell at every update).
+
+    Under AMP a NaN/inf gradient does not surface in the loss: the scaler silently skips the step
+    and halves its scale. `limit` skips in a row are therefore reported as a NaN.
+    """
+
+    limit: int
+    run: int = 0
+
+    def update(self, scale_before: float, scale_after: float) -> bool:
+        """Record one step; True when the run of skipped steps reached the limit."""
+        self.run = self.run + 1 if scale_after < scale_before else 0
+        return self.run >= self.limit
+
+
 def pick_device(params: Params) -> torch.device:
     if params.device == "cuda" or (params.device == "auto" and torch.cuda.is_available()):
         return torch.device("cuda")
@@ -244,7 +261,9 @@ def train_epoch(att: Attempt, loader: DataLoader, sampler: EpochBatchSampler, ep
     steps = math.ceil(micro_total / att.accum)
     fmt = torch.channels_last if att.channels_last else torch.contiguous_format
     params_list = [q for g in opt.param_groups for q in g["params"]]
-    loss_sum, images, skipped, t0 = 0.0, 0, 0, time.perf_counter()
+    loss_sum, images, t0 = 0.0, 0, time.perf_counter()
+    skips = SkipCounter(p.amp_skip_limit)
+    comp: dict[str, float] = {}
     step_loss, lr = 0.0, 0.0
     opt.zero_grad(set_to_none=True)
     for mb, (imgs, gt) in enumerate(_progress(loader, micro_total, f"epoch {epoch}")):
@@ -261,7 +280,9 @@ def train_epoch(att: Attempt, loader: DataLoader, sampler: EpochBatchSampler, ep
         x = imgs.to(att.device, non_blocking=True).float().div_(255.0).contiguous(memory_format=fmt)
         with torch.autocast(att.device.type, dtype=torch.float16, enabled=att.autocast):
             outputs = model(x)
-        loss, _ = yolo_loss(outputs, gt, att.anchors, att.weights, epoch)
+        loss, parts = yolo_loss(outputs, gt, att.anchors, att.weights, epoch)
+        for k, v in parts.items():
+            comp[k] = comp.get(k, 0.0) + v / micro_total
         if first and kind == "nan":
             loss = faults.poison_loss(loss)
         value = float(loss.detach())
@@ -278,14 +299,15 @@ def train_epoch(att: Attempt, loader: DataLoader, sampler: EpochBatchSampler, ep
             scaler.step(opt)
             scaler.update()
             opt.zero_grad(set_to_none=True)
-            skipped = skipped + 1 if scaler.is_enabled() and scaler.get_scale() < before else 0
-            if skipped >= p.amp_skip_limit:
-                log.error("GradScaler skipped %d optimizer steps in a row: the gradients are not finite", skipped)
-                sup.step(epoch, step, float("nan"), amp_skipped_steps=skipped)
+            if scaler.is_enabled() and skips.update(before, scaler.get_scale()):
+                log.error("GradScaler skipped %d optimizer steps in a row: the gradients are not finite", skips.run)
+                sup.step(epoch, step, float("nan"), amp_skipped_steps=skips.run)
             sup.step(epoch, step, step_loss, lr=lr)
             loss_sum += step_loss
     seconds = time.perf_counter() - t0
-    return {"loss": loss_sum / max(1, steps), "lr": lr, "img_s": images / max(seconds, 1e-9), "seconds": seconds}
+    parts = " ".join(f"{k} {v:.3g}" for k, v in comp.items())
+    return {"loss": loss_sum / max(1, steps), "lr": lr, "img_s": images / max(seconds, 1e-9), "seconds": seconds,
+            "parts": parts}
 
 
 @torch.no_grad()
@@ -336,6 +358,8 @@ def evaluate(att: Attempt, loader: DataLoader, epoch: int) -> dict[str, Any]:
 
 def run(params: Params, sup: Supervised) -> dict[str, Any]:
     """Train epochs start_epoch .. epochs-1; returns the metrics of the last epoch."""
+    if sup.events_path is not None:
+        sup.events_path.parent.mkdir(parents=True, exist_ok=True)
     att = setup(params, sup)
     start = sup.start_epoch
     log.info(
@@ -354,7 +378,7 @@ def run(params: Params, sup: Supervised) -> dict[str, Any]:
         metrics: dict[str, Any] = {"train_loss": stats["loss"]}
         line = (
             f"epoch {epoch}/{att.epochs - 1} loss {stats['loss']:.4f} lr {stats['lr']:.5f} "
-            f"{stats['img_s']:.1f} img/s {stats['seconds']:.1f}s"
+            f"({stats['parts']}) {stats['img_s']:.1f} img/s {stats['seconds']:.1f}s"
         )
         if epoch >= params.test_pr_after_epoch:
             ev = evaluate(att, test_loader, epoch)
