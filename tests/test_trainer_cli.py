@@ -69,8 +69,12 @@ def test_fault_only_fires_on_its_attempt(tmp_path, synth_root):  # noqa: F811
 def test_hang_stops_all_events(tmp_path, synth_root):  # noqa: F811
     params = tiny_params(synth_root, num_epoch=1, inject_fault={"kind": "hang", "epoch": 0, "step": 1})
     (tmp_path / "params.json").write_text(json.dumps(params))
-    env = {**os.environ, "SUPERVISOR_PARAMS": str(tmp_path / "params.json"),
-           "SUPERVISOR_EVENTS": str(tmp_path / "events.jsonl"), "SUPERVISOR_CHECKPOINT_DIR": str(tmp_path / "c")}
+    env = {
+        **os.environ,
+        "SUPERVISOR_PARAMS": str(tmp_path / "params.json"),
+        "SUPERVISOR_EVENTS": str(tmp_path / "events.jsonl"),
+        "SUPERVISOR_CHECKPOINT_DIR": str(tmp_path / "c"),
+    }
     proc = subprocess.Popen([sys.executable, "-m", "trainer"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)  # fmt: skip
     try:

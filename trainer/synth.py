@@ -85,10 +85,12 @@ def make_image(index: int, size: int, seed: int) -> tuple[Image.Image, list[tupl
         bh = max(4, int(side * w * rng.uniform(0.8, 1.25)))
         bw, bh = min(bw, w - 2), min(bh, h - 2)
         if k > 0 and objects and rng.random() < 0.3:
-            # Overlap a previous object on purpose.
+            # Overlap a previous object on purpose, centred on its border so both stay visible.
             _, (px0, py0, px1, py1), _ = objects[int(rng.integers(len(objects)))]
-            cx = rng.uniform(px0, px1)
-            cy = rng.uniform(py0, py1)
+            if rng.random() < 0.5:
+                cx, cy = rng.choice([px0, px1]), rng.uniform(py0, py1)
+            else:
+                cx, cy = rng.uniform(px0, px1), rng.choice([py0, py1])
             x0 = int(np.clip(cx - bw / 2, 0, w - bw - 1))
             y0 = int(np.clip(cy - bh / 2, 0, h - bh - 1))
         else:

@@ -306,8 +306,13 @@ def train_epoch(att: Attempt, loader: DataLoader, sampler: EpochBatchSampler, ep
             loss_sum += step_loss
     seconds = time.perf_counter() - t0
     parts = " ".join(f"{k} {v:.3g}" for k, v in comp.items())
-    return {"loss": loss_sum / max(1, steps), "lr": lr, "img_s": images / max(seconds, 1e-9), "seconds": seconds,
-            "parts": parts}
+    return {
+        "loss": loss_sum / max(1, steps),
+        "lr": lr,
+        "img_s": images / max(seconds, 1e-9),
+        "seconds": seconds,
+        "parts": parts,
+    }
 
 
 @torch.no_grad()
