@@ -56,6 +56,7 @@ def main() -> int:
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
     work = args.out or Path(tempfile.mkdtemp(prefix="bench-memory-"))
+    work.mkdir(parents=True, exist_ok=True)
     params = {
         "data_root": str(work / "data"), "synthetic_images": args.images, "synthetic_size": args.size,
         "output_scale_S": args.size // 32, "num_epoch": args.epochs, "num_workers": args.workers,
