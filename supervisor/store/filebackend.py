@@ -21,12 +21,6 @@ from pathlib import Path
 from typing import TypeVar
 
 from filelock import FileLock, Timeout
-from tenacity import (
-    Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_random_exponential,
-)
 
 from supervisor.client import fsync_dir
 from supervisor.store.backend import (
@@ -38,7 +32,7 @@ from supervisor.store.backend import (
     TransientStoreError,
 )
 from supervisor.store.base import StoreError
-from supervisor.store.progress import log_retry
+from supervisor.store.progress import retry_transient
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -83,14 +77,7 @@ class FileBackend(ObjectBackend):
                     ) from None
                 raise TransientStoreError(f"{self.root}: {what} failed: {exc.strerror or exc}") from None
 
-        retrying = Retrying(
-            retry=retry_if_exception_type(TransientStoreError),
-            stop=stop_after_attempt(self.retry_attempts),
-            wait=wait_random_exponential(multiplier=0.2, max=5),
-            before_sleep=log_retry,
-            reraise=True,
-        )
-        return retrying(once)
+        return retry_transient(once, self.retry_attempts, 0.2, 5)
 
     @contextlib.contextmanager
     def _tempfile(self, dest: Path) -> Iterator[tuple[int, Path]]:

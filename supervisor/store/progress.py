@@ -5,8 +5,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
+from typing import TypeVar
 
-from tenacity import RetryCallState
+from tenacity import RetryCallState, Retrying, retry_if_exception_type, stop_after_attempt, wait_random_exponential
+
+T = TypeVar("T")
 
 log = logging.getLogger("supervisor.store")
 
@@ -57,3 +61,17 @@ def log_retry(state: RetryCallState) -> None:
     exc = state.outcome.exception() if state.outcome is not None else None
     wait = state.next_action.sleep if state.next_action is not None else 0.0
     log.warning("%s; try %d again in %.1fs", exc, state.attempt_number + 1, wait)
+
+
+def retry_transient(once: Callable[[], T], attempts: int, multiplier: float, max_wait: float) -> T:
+    """Call `once` until it stops raising TransientStoreError, at most `attempts` times, with
+    exponential backoff and full jitter between tries (each retry logged)."""
+    from supervisor.store.backend import TransientStoreError
+
+    return Retrying(
+        retry=retry_if_exception_type(TransientStoreError),
+        stop=stop_after_attempt(attempts),
+        wait=wait_random_exponential(multiplier=multiplier, max=max_wait),
+        before_sleep=log_retry,
+        reraise=True,
+    )(once)

@@ -25,12 +25,6 @@ from botocore.config import Config
 from s3transfer.manager import TransferManager
 from s3transfer.subscribers import BaseSubscriber
 from s3transfer.utils import ChunksizeAdjuster
-from tenacity import (
-    Retrying,
-    retry_if_exception_type,
-    stop_after_attempt,
-    wait_random_exponential,
-)
 
 from supervisor.store.backend import (
     LocalFileChanged,
@@ -41,7 +35,7 @@ from supervisor.store.backend import (
     TransientStoreError,
 )
 from supervisor.store.base import StoreError
-from supervisor.store.progress import log_retry
+from supervisor.store.progress import retry_transient
 from supervisor.store.settings import SECRET_HINT, StorageSettings
 
 log = logging.getLogger(__name__)
@@ -217,14 +211,7 @@ class S3Backend(ObjectBackend):
             except Exception as exc:
                 raise self._classify(exc, what) from None
 
-        retrying = Retrying(
-            retry=retry_if_exception_type(TransientStoreError),
-            stop=stop_after_attempt(attempts or self.settings.retry_attempts),
-            wait=wait_random_exponential(multiplier=0.5, max=15),
-            before_sleep=log_retry,
-            reraise=True,
-        )
-        return retrying(once)
+        return retry_transient(once, attempts or self.settings.retry_attempts, 0.5, 15)
 
     def _key(self, key: str) -> str:
         return f"{self.root}/{key}" if self.root else key
