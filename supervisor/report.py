@@ -30,7 +30,7 @@ def build(run_dir: Path, name: str, running: bool, best_metric: str | None = Non
         m_mode = mode if metric == best_metric else ("min" if "loss" in lower else "max")
         found = view.best(metric, m_mode)
         if found:
-            best[metric] = {"value": found[0], "epoch": found[1]}
+            best[metric] = {"value": found[0], "epoch": found[1], "mode": m_mode}
     attempts = []
     for a in view.attempts:
         attempts.append({
@@ -61,7 +61,7 @@ def to_markdown(rep: dict) -> str:
     for metric, b in rep["best"].items():
         value = b["value"]
         shown = f"{value * 100:.2f}%" if metric in ("AP50", "VOCmAP") else f"{value:.4g}"
-        out.append(f"* max {metric}: {shown} @ epoch {b['epoch']}")
+        out.append(f"* {b.get('mode', 'max')} {metric}: {shown} @ epoch {b['epoch']}")
     ck = rep["checkpoints"]
     out.append(f"* verified checkpoints: {', '.join(map(str, ck)) if ck else 'none'}")
     out += ["", "| epoch | load_epoch | seed | reason |", "| :---: | :---: | :---: | :---: |"]

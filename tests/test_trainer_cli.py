@@ -14,7 +14,7 @@ import torch
 from trainer_helpers import ROOT, read_events, run_trainer, synth_root, tiny_params  # noqa: F401
 
 from supervisor.client import sha256_file
-from trainer.faults import CUDA_ASSERT_TEXT
+from trainer.faults import CUDA_ASSERT_TEXT, GPU_OOM_TEXT
 
 
 def _kinds(events):
@@ -48,7 +48,8 @@ def test_nan_on_attempt_0_then_the_next_attempt_resumes(tmp_path, synth_root):  
 
 
 @pytest.mark.parametrize(
-    ("kind", "needle"), [("crash", "RuntimeError: FAULT INJECTION: crash"), ("cuda_error", CUDA_ASSERT_TEXT)]
+    ("kind", "needle"),
+    [("crash", "RuntimeError: FAULT INJECTION: crash"), ("cuda_error", CUDA_ASSERT_TEXT), ("gpu_oom", GPU_OOM_TEXT)],
 )
 def test_crash_and_cuda_error(tmp_path, synth_root, kind, needle):  # noqa: F811
     params = tiny_params(synth_root, num_epoch=1, inject_fault={"kind": kind, "epoch": 0, "step": 1})
@@ -64,6 +65,27 @@ def test_fault_only_fires_on_its_attempt(tmp_path, synth_root):  # noqa: F811
     proc, events = run_trainer(tmp_path, params)
     assert proc.returncode == 0, proc.stderr
     assert _kinds(events) == [("checkpoint", 0)]
+
+
+def test_a_list_of_faults_fires_each_on_its_own_attempt_and_step(tmp_path, synth_root):  # noqa: F811
+    faults = [{"kind": "crash", "epoch": 0, "step": 3, "attempt": 0}, {"kind": "gpu_oom", "epoch": 0, "step": 2,
+              "attempt": 1}]  # fmt: skip
+    params = tiny_params(synth_root, num_epoch=1, inject_fault=faults)
+    proc, events = run_trainer(tmp_path, params, env={"SUPERVISOR_ATTEMPT": "1"})
+    assert proc.returncode == 1 and GPU_OOM_TEXT in proc.stderr
+    assert [e["step"] for e in events if e["event"] == "step"] == [0, 1]
+
+
+def test_amp_overflow_is_reported_as_nan_after_the_skip_limit(tmp_path, synth_root):  # noqa: F811
+    """Under AMP (GradScaler on the CPU here, CUDA on a GPU) infinite gradients never reach the loss:
+    the scaler skips the steps, and `amp_skip_limit` skips in a row are reported as a NaN."""
+    params = tiny_params(synth_root, num_epoch=1, mix_precision=True, amp_skip_limit=3, amp_min_scale=16384,
+                         inject_fault={"kind": "amp_overflow", "epoch": 0, "step": 1})  # fmt: skip
+    proc, events = run_trainer(tmp_path, params)
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    steps = [e for e in events if e["event"] == "step"]
+    assert all(math.isfinite(e["loss"]) for e in steps[:-1])
+    assert math.isnan(steps[-1]["loss"]) and steps[-1]["amp_skipped_steps"] == 3 and steps[-1]["step"] == 3
 
 
 def test_hang_stops_all_events(tmp_path, synth_root):  # noqa: F811

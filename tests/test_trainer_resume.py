@@ -63,8 +63,8 @@ def test_resume_is_bit_identical_and_a_new_seed_changes_the_data(tmp_path, synth
 def test_skip_counter_with_a_real_grad_scaler():
     w = torch.nn.Parameter(torch.ones(2))
     opt = torch.optim.SGD([w], lr=0.1)
-    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    counter = SkipCounter(limit=3)
+    scaler = torch.amp.GradScaler("cpu", init_scale=4.0)
+    counter = SkipCounter(limit=3, min_scale=1.0)
     fired = []
     for i in range(5):
         loss = (w * (float("inf") if i >= 1 else 1.0)).sum()
@@ -76,3 +76,19 @@ def test_skip_counter_with_a_real_grad_scaler():
         fired.append(counter.update(before, scaler.get_scale()))
     assert fired == [False, False, False, True, True]
     assert torch.isfinite(w).all()  # the scaler protected the weights: only the counter tells
+
+
+def test_skip_counter_ignores_the_scalers_start_up_back_off():
+    """Ten skips in a row from 65536 are the scaler finding its scale, not a NaN; the same run
+    that drives the scale below the floor is."""
+    counter = SkipCounter(limit=8, min_scale=1.0)
+    scale = 65536.0
+    for _ in range(10):
+        assert not counter.update(scale, scale / 2)
+        scale /= 2
+    counter.update(scale, scale)  # a real step: the run ends
+    fired = []
+    for _ in range(17):
+        fired.append(counter.update(scale, scale / 2))
+        scale /= 2
+    assert fired.index(True) == 7  # the floor is crossed at the 7th skip (64 -> 0.5), the limit at the 8th

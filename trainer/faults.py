@@ -1,8 +1,14 @@
 """FAULT INJECTION, for the demo and the supervisor's end-to-end tests only.
 
-The `inject_fault` parameter {"kind", "epoch", "step", "attempt"} makes attempt `attempt` (the
-SUPERVISOR_ATTEMPT value, default 0) fail on purpose at the start of optimizer step `step` of
-epoch `epoch`. Every injection is announced by a log line starting with "FAULT INJECTION".
+The `inject_fault` parameter {"kind", "epoch", "step", "attempt"} (or a list of them) makes
+attempt `attempt` (the SUPERVISOR_ATTEMPT value, default 0) fail on purpose at the start of
+optimizer step `step` of epoch `epoch`. Every injection is announced by a log line starting with
+"FAULT INJECTION".
+
+On a CUDA device `cuda_error` is a real device-side assert and `gpu_oom` a real allocation beyond
+the card's memory; on the CPU both print the error line PyTorch would print and exit 1.
+`amp_overflow` makes every later gradient of the attempt infinite while the loss stays finite:
+under AMP the GradScaler skips each step, which the trainer must report as a NaN.
 """
 
 from __future__ import annotations
@@ -18,13 +24,24 @@ log = logging.getLogger(__name__)
 CUDA_ASSERT_TEXT = "RuntimeError: CUDA error: device-side assert triggered"
 
 
+GPU_OOM_TEXT = "torch.OutOfMemoryError: CUDA out of memory."
+
+
 def due(spec: object | None, attempt: int, epoch: int, step: int) -> str | None:
-    """The fault kind to fire now, or None."""
-    if spec is None:
-        return None
-    if (spec.attempt, spec.epoch, spec.step) != (attempt, epoch, step):  # type: ignore[attr-defined]
-        return None
-    return spec.kind  # type: ignore[attr-defined]
+    """The fault kind to fire now, or None (`spec` is one FaultSpec, a list of them, or None)."""
+    specs = spec if isinstance(spec, list) else [] if spec is None else [spec]
+    for one in specs:
+        if (one.attempt, one.epoch, one.step) == (attempt, epoch, step):
+            return one.kind
+    return None
+
+
+def poison_grads(params: list[torch.Tensor]) -> None:
+    """kind "amp_overflow": one gradient becomes infinite after the backward pass."""
+    for prm in params:
+        if prm.grad is not None:
+            prm.grad.fill_(float("inf"))
+            return
 
 
 def poison_loss(loss: torch.Tensor) -> torch.Tensor:
@@ -34,7 +51,7 @@ def poison_loss(loss: torch.Tensor) -> torch.Tensor:
 
 
 def fire(kind: str, device: torch.device) -> None:
-    """Carry out the non-NaN kinds: crash, hang, cpu_oom, cuda_error. Does not return."""
+    """Carry out the kinds that end the attempt: crash, hang, cpu_oom, cuda_error, gpu_oom. Does not return."""
     log.warning("FAULT INJECTION (on purpose, inject_fault): %s", kind)
     for h in logging.getLogger().handlers:
         h.flush()
@@ -52,5 +69,13 @@ def fire(kind: str, device: torch.device) -> None:
             torch._assert_async(torch.tensor(0, device=device))
             torch.cuda.synchronize(device)
         print(CUDA_ASSERT_TEXT, file=sys.stderr, flush=True)
+        sys.exit(1)
+    if kind == "gpu_oom":
+        if device.type == "cuda":
+            total = torch.cuda.get_device_properties(device).total_memory
+            # Twice the card: the caching allocator raises its out-of-memory error. (No error name on the
+            # line itself: a traceback quotes it, and the watchdog must judge by the error line.)
+            torch.empty(2 * total, dtype=torch.uint8, device=device)
+        print(f"{GPU_OOM_TEXT} (FAULT INJECTION on the CPU: the line PyTorch prints)", file=sys.stderr, flush=True)
         sys.exit(1)
     raise ValueError(f"unknown fault kind {kind!r}")

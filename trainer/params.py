@@ -75,7 +75,7 @@ class FaultSpec(BaseModel):
     """FAULT INJECTION (demo/tests only): make attempt `attempt` fail on purpose at (epoch, step)."""
 
     model_config = ConfigDict(extra="forbid")
-    kind: Literal["nan", "crash", "hang", "cpu_oom", "cuda_error"]
+    kind: Literal["nan", "crash", "hang", "cpu_oom", "cuda_error", "gpu_oom", "amp_overflow"]
     epoch: int = Field(0, ge=0)
     step: int = Field(0, ge=0)
     attempt: int = Field(0, ge=0)
@@ -153,7 +153,8 @@ class Params(BaseModel):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     channels_last: bool | None = None
     amp_skip_limit: int = Field(8, ge=1)
-    inject_fault: FaultSpec | None = None
+    amp_min_scale: float = Field(1.0, gt=0)
+    inject_fault: FaultSpec | list[FaultSpec] | None = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Params:

@@ -69,6 +69,7 @@ class Attempt:
     autocast: bool
     channels_last: bool
     history: dict[str, Any] = field(default_factory=dict)
+    poisoned_grads: bool = False  # FAULT INJECTION amp_overflow fired in this attempt
 
 
 @dataclass
@@ -76,16 +77,21 @@ class SkipCounter:
     """Counts optimizer steps the GradScaler skipped in a row (its scale fell at every update).
 
     Under AMP a NaN/inf gradient does not surface in the loss: the scaler silently skips the step
-    and halves its scale. `limit` skips in a row are therefore reported as a NaN.
+    and halves its scale. A run of `limit` skips in a row that has driven the scale below
+    `min_scale` is therefore reported as a NaN. The floor matters: at the start of training the
+    scaler legitimately backs off from 65536 for several steps in a row (seen on an H200 at 416 px:
+    8 skips and more before the first real step), and gradients that overflow float16 even at scale 1 are
+    not a warm-up (fairseq's `min_loss_scale` rule).
     """
 
     limit: int
+    min_scale: float = 1.0
     run: int = 0
 
     def update(self, scale_before: float, scale_after: float) -> bool:
-        """Record one step; True when the run of skipped steps reached the limit."""
+        """Record one step; True when the run of skipped steps reached the limit below the floor."""
         self.run = self.run + 1 if scale_after < scale_before else 0
-        return self.run >= self.limit
+        return self.run >= self.limit and scale_after < self.min_scale
 
 
 def pick_device(params: Params) -> torch.device:
@@ -262,7 +268,7 @@ def train_epoch(att: Attempt, loader: DataLoader, sampler: EpochBatchSampler, ep
     fmt = torch.channels_last if att.channels_last else torch.contiguous_format
     params_list = [q for g in opt.param_groups for q in g["params"]]
     loss_sum, images, t0 = 0.0, 0, time.perf_counter()
-    skips = SkipCounter(p.amp_skip_limit)
+    skips = SkipCounter(p.amp_skip_limit, p.amp_min_scale)
     comp: dict[str, float] = {}
     step_loss, lr = 0.0, 0.0
     opt.zero_grad(set_to_none=True)
@@ -275,7 +281,10 @@ def train_epoch(att: Attempt, loader: DataLoader, sampler: EpochBatchSampler, ep
                 g["lr"] = lr
             step_loss = 0.0
             kind = faults.due(p.inject_fault, sup.attempt, epoch, step)
-            if kind not in (None, "nan"):
+            if kind == "amp_overflow":
+                log.warning("FAULT INJECTION (on purpose, inject_fault): every gradient from now on is infinite")
+                att.poisoned_grads = True
+            elif kind not in (None, "nan"):
                 faults.fire(kind, att.device)
         x = imgs.to(att.device, non_blocking=True).float().div_(255.0).contiguous(memory_format=fmt)
         with torch.autocast(att.device.type, dtype=torch.float16, enabled=att.autocast):
@@ -292,6 +301,8 @@ def train_epoch(att: Attempt, loader: DataLoader, sampler: EpochBatchSampler, ep
         step_loss += value / att.accum
         images += imgs.shape[0]
         if (mb + 1) % att.accum == 0 or mb + 1 == micro_total:
+            if att.poisoned_grads:
+                faults.poison_grads(params_list)
             if p.clip_max_norm:
                 scaler.unscale_(opt)
                 torch.nn.utils.clip_grad_norm_(params_list, p.clip_max_norm)
@@ -300,7 +311,8 @@ def train_epoch(att: Attempt, loader: DataLoader, sampler: EpochBatchSampler, ep
             scaler.update()
             opt.zero_grad(set_to_none=True)
             if scaler.is_enabled() and skips.update(before, scaler.get_scale()):
-                log.error("GradScaler skipped %d optimizer steps in a row: the gradients are not finite", skips.run)
+                log.error("GradScaler skipped %d optimizer steps in a row, scale now %g: the gradients are not finite",
+                          skips.run, scaler.get_scale())
                 sup.step(epoch, step, float("nan"), amp_skipped_steps=skips.run)
             sup.step(epoch, step, step_loss, lr=lr)
             loss_sum += step_loss
