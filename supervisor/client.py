@@ -136,6 +136,8 @@ class Supervised:
         if self.events_path is None:
             return
         line = P.format_event(kind, **fields)
+        if not self.events_path.parent.is_dir():  # a script run by hand with SUPERVISOR_EVENTS set
+            self.events_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.events_path, "a", encoding="utf-8") as f:
             f.write(line)
             f.flush()

@@ -106,7 +106,7 @@ def test_ledger_fold_survives_a_torn_last_line(tmp_path):
 
 
 def test_client_roundtrip(tmp_path):
-    events = tmp_path / "events.jsonl"
+    events = tmp_path / "not-yet" / "events.jsonl"  # the client makes the folder
     params = tmp_path / "params.json"
     params.write_text('{"lr": 0.1}')
     env = {P.ENV_EVENTS: str(events), P.ENV_SEED: "31", P.ENV_LOAD_EPOCH: "4", P.ENV_EPOCHS: "9",
