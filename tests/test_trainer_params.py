@@ -127,7 +127,8 @@ def test_triple_segments_and_gaps():
         ({"lambda_class": "1 / 0"}, "'lambda_class'"),
         ({"lambda_class": "__import__('os')"}, "'lambda_class'"),
         ({"image_size": 400}, "image_size 400 contradicts output_scale_S 13"),
-        ({"inject_fault": {"kind": "meteor"}}, "inject_fault.kind"),
+        ({"inject_fault": {"kind": "meteor"}}, "inject_fault.kind'"),
+        ({"inject_fault": [{"kind": "nan"}, {"kind": "meteor"}]}, "inject_fault.1.kind'"),
         ({"lr_T_half": 1, "lr_T_half_1": 2}, "aliases"),
     ],
 )

@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -154,7 +154,15 @@ class Params(BaseModel):
     channels_last: bool | None = None
     amp_skip_limit: int = Field(8, ge=1)
     amp_min_scale: float = Field(1.0, gt=0)
-    inject_fault: FaultSpec | list[FaultSpec] | None = None
+    # One table or a list of them; the discriminator picks the branch by the input's shape so a
+    # mistake is reported once, against the branch the user meant.
+    inject_fault: (
+        Annotated[
+            Annotated[FaultSpec, Tag("one")] | Annotated[list[FaultSpec], Tag("many")],
+            Discriminator(lambda v: "many" if isinstance(v, list) else "one"),
+        ]
+        | None
+    ) = None
 
     @model_validator(mode="after")
     def _consistent(self) -> Params:
@@ -224,9 +232,12 @@ def _collect_segments(raw: dict[str, Any]) -> dict[str, Any]:
     return raw
 
 
+_UNION_TAGS = ("one", "many")  # inject_fault's branch tags, not keys a user wrote
+
+
 def _first_error(exc: ValidationError) -> str:
     err = exc.errors()[0]
-    loc = ".".join(str(p) for p in err["loc"]) or "params"
+    loc = ".".join(str(p) for p in err["loc"] if p not in _UNION_TAGS) or "params"
     if err["type"] == "extra_forbidden":
         return f"unknown parameter {loc!r}: remove it or check its spelling (see docs/trainer.md)"
     return f"parameter {loc!r}: {err['msg']} (got {err.get('input')!r})"
