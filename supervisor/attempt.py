@@ -22,7 +22,7 @@ import psutil
 
 from supervisor import protocol as P
 from supervisor.config import RunConfig
-from supervisor.faults import Fault, classify_exit, classify_line, describe_exit
+from supervisor.faults import Fault, classify_exit, classify_line, describe_exit, quotes_source
 from supervisor.monitors.disk import free_bytes
 from supervisor.monitors.events import EventTail
 from supervisor.monitors.files import CheckpointScanner
@@ -108,6 +108,7 @@ class Attempt:
         self.epoch = spec.start_epoch
         self.steps = 0
         self.recorded: set[int] = set()
+        self._previous_line: dict[str, str] = {}  # per stream, to skip the code a traceback quotes
         self.kill_at: float | None = None
         self._scanner: CheckpointScanner | None = None
 
@@ -253,7 +254,8 @@ class Attempt:
         self.hooks.on_checkpoint(epoch, path, data)
 
     def _on_line(self, stream: str, line: str, at: float) -> None:
-        fault = classify_line(line)
+        previous, self._previous_line[stream] = self._previous_line.get(stream), line
+        fault = None if quotes_source(previous) else classify_line(line)
         if fault in (Fault.CUDA_ERROR, Fault.GPU_OOM, Fault.DISK_FULL) and self.fault is None:
             # Sticky CUDA errors poison the process: it may linger or hang. Give it a moment to exit.
             self._set_fault(fault, line.strip()[:300])

@@ -78,9 +78,22 @@ def classify_line(line: str) -> Fault | None:
     return None
 
 
+_TRACEBACK_FILE = re.compile(r'^\s+File "[^"]*", line \d+')
+
+
+def quotes_source(previous: str | None) -> bool:
+    """True for the line after a traceback's `File "...", line N`: the code it quotes, not an error.
+
+    Seen on an H200: `torch.empty(...)  # raises torch.OutOfMemoryError` quoted in a traceback
+    matched the GPU OOM rule before the real error line came; `except torch.OutOfMemoryError:` in
+    a user's crash traceback would name the wrong fault the same way.
+    """
+    return previous is not None and _TRACEBACK_FILE.match(previous) is not None
+
+
 def classify_tail(lines: list[str]) -> Fault | None:
     """The most specific fault named anywhere in an output tail (GPU OOM beats CUDA error, etc.)."""
-    found = {f for f in (classify_line(x) for x in lines) if f is not None}
+    found = {classify_line(x) for i, x in enumerate(lines) if not quotes_source(lines[i - 1] if i else None)}
     for fault, _ in _STDERR_RULES:
         if fault in found:
             return fault

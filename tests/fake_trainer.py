@@ -6,7 +6,8 @@ ckpt_bytes (size of each checkpoint), faults: a list of
 fired when this is attempt A (any attempt if absent) at epoch E, step S. Kinds:
     nan, test_nan, cuda_error, cuda_hang, gpu_oom, cpu_oom (allocate until stopped), oom_kill
     (SIGKILL itself, as the kernel would), hang, enospc, disk_fill (fill the run dir's disk with a
-    file), crash, exit0 (exit 0 early), import_error (before the first step, every attempt),
+    file), crash, crash_quoting_oom (a crash whose traceback quotes OOM words), exit0 (exit 0 early),
+    import_error (before the first step, every attempt),
     ignore_sigterm (keep running on SIGTERM), spawn_children (start a grandchild that outlives us).
 The checkpoint holds a "state" that depends on every (seed, epoch) it went through, so tests can
 check that resumes load the right file.
@@ -79,6 +80,8 @@ def main() -> int:
                 loss = float("nan")
             elif kind == "crash":
                 raise RuntimeError("fake trainer: injected crash")
+            elif kind == "crash_quoting_oom":  # the traceback quotes this line: code, not evidence
+                raise ValueError("fake trainer: injected crash")  # not a torch.OutOfMemoryError: CUDA out of memory
             elif kind == "exit0":
                 return 0
             elif kind in ("cuda_error", "cuda_hang"):

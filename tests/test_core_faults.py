@@ -26,6 +26,7 @@ def run_with(tmp_path: Path, faults: list[dict], epochs: int = 3, **sections) ->
         ("gpu_oom", "gpu oom"),
         ("enospc", "disk full"),
         ("crash", "crash"),
+        ("crash_quoting_oom", "crash"),  # words in the code a traceback quotes are not evidence
         ("oom_kill", "crash"),  # a SIGKILL with no OOM-killer evidence is not called an OOM
     ],
 )

@@ -13,7 +13,7 @@ import pytest
 from supervisor import ledger as L
 from supervisor import protocol as P
 from supervisor.client import Supervised, atomic_write, sha256_file
-from supervisor.faults import Fault, classify_exit, classify_line
+from supervisor.faults import Fault, classify_exit, classify_line, classify_tail
 from supervisor.monitors.events import EventTail
 
 
@@ -81,6 +81,18 @@ def test_checkpoint_names_and_regex():
 )
 def test_classify_line(line, fault):
     assert classify_line(line) is fault
+
+
+def test_the_code_a_traceback_quotes_is_not_evidence():
+    quoted = [
+        "Traceback (most recent call last):",
+        '  File "/x/train.py", line 12, in step',
+        "    except torch.OutOfMemoryError:  # CUDA out of memory",
+        "ValueError: bad shape",
+    ]
+    assert classify_tail(quoted) is None
+    real = "torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 2 GiB"
+    assert classify_tail([*quoted, real]) is Fault.GPU_OOM
 
 
 def test_classify_exit():
