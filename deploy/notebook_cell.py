@@ -1,15 +1,21 @@
-# Bootstrap cell for a Kaggle notebook: paste this whole file into ONE cell and run it.
+# Bootstrap cell for a Kaggle or Google Colab notebook (or any Jupyter): paste this whole file into
+# ONE cell and run it. It finds out where it runs and reads your credentials from that platform's
+# secret store.
 #
 # Before the first run:
-#   1. Settings > Internet on (pip, the bucket and Kaggle's secret store all need it); a GPU
-#      accelerator if you train for real.
-#   2. Add-ons > Secrets: add AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN
-#      for temporary keys) of your S3-compatible bucket, and attach them to this notebook.
+#   1. Kaggle: Settings > Internet on (pip, the bucket and Kaggle's secret store all need it), and a
+#      GPU accelerator if you train for real. Colab: Runtime > Change runtime type: a GPU.
+#   2. Secrets: AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (and AWS_SESSION_TOKEN for temporary
+#      keys) of your S3-compatible bucket. Kaggle: Add-ons > Secrets, attached to this notebook.
+#      Colab: the key icon (Secrets) in the left bar, with "Notebook access" on. Elsewhere: the
+#      kernel's environment.
 #   3. Edit the two lines marked EDIT below.
 #
 # Re-run this same cell, in this session or a new one, to continue the run: the supervisor takes
 # the ledger and the last verified checkpoint from the bucket. It pauses by itself (exit 75)
-# 15 minutes before Kaggle's 12-hour limit. Stop the cell to pause earlier. docs/deploy.md has more.
+# 15 minutes before the 12-hour limit (Kaggle: from the container's start, Colab: from the VM's
+# boot; set [platform] session_limit_s for other limits). Stop the cell to pause earlier.
+# docs/deploy.md has more.
 import os
 import signal
 import subprocess
@@ -18,26 +24,49 @@ from pathlib import Path
 
 # EDIT: where pip finds this project (a fork, a tag, a private mirror...).
 PACKAGE = "train-supervisor @ git+https://github.com/YOUR-ACCOUNT/train-supervisor.git"
-# /kaggle/working survives as the notebook's output; the bucket is what a new session resumes from.
-WORK_DIR = Path("/kaggle/working")
-SECRETS_HELP = "add it under Add-ons > Secrets and attach it to this notebook (Internet must be on)"
+
+
+def detect_platform(env=os.environ):
+    """"kaggle", "colab" or "jupyter" (any other kernel), from what each platform sets."""
+    if "KAGGLE_KERNEL_RUN_TYPE" in env or Path("/kaggle/working").is_dir():
+        return "kaggle"
+    if "COLAB_RELEASE_TAG" in env or "COLAB_GPU" in env:
+        return "colab"
+    return "jupyter"
+
+
+PLATFORM = detect_platform()
+# /kaggle/working survives as a Kaggle notebook's output; Colab's /content is lost with the VM. The
+# bucket is what a new session resumes from, everywhere.
+WORK_DIR = {"kaggle": Path("/kaggle/working"), "colab": Path("/content")}.get(PLATFORM, Path.cwd())
+SECRETS_HELP = {
+    "kaggle": "add it under Add-ons > Secrets and attach it to this notebook (Internet must be on)",
+    "colab": "add it with the key icon (Secrets) in the left bar and switch on its Notebook access",
+}.get(PLATFORM, "set it in the environment of the notebook's kernel")
 
 
 def read_platform_secrets(names):
-    """The values of the attached Kaggle secrets among `names`, by name; absent ones are left out."""
-    from kaggle_secrets import UserSecretsClient  # only exists inside Kaggle kernels
-
-    client = UserSecretsClient()
+    """The values of the secrets among `names` this notebook may read, by name; others are left out."""
     found = {}
+    if PLATFORM == "kaggle":
+        from kaggle_secrets import UserSecretsClient  # only exists inside Kaggle kernels
+
+        client = UserSecretsClient()
+        lookup = client.get_secret
+    elif PLATFORM == "colab":
+        from google.colab import userdata  # asks the browser tab, so only in the kernel, never a subprocess
+
+        lookup = userdata.get
+    else:
+        lookup = os.environ.__getitem__
     for name in names:
         try:
-            found[name] = client.get_secret(name)
-        except Exception:  # not attached, no internet...: the caller names what is missing
+            found[name] = lookup(name)
+        except Exception:  # not attached, no notebook access, no internet...: the caller names what is missing
             pass
     return found
 
 
-# ---- the same in every bootstrap cell below this line (tests/test_deploy.py checks it) ----
 PLACEHOLDER = "YOUR-"
 REQUIRED_SECRETS = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 OPTIONAL_SECRETS = ("AWS_SESSION_TOKEN",)
