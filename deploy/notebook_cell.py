@@ -180,15 +180,15 @@ def stream(argv, cwd):
 
 def main(read_secrets=read_platform_secrets, package=PACKAGE, work_dir=WORK_DIR, run_toml=RUN_TOML):
     """Install, start or continue the run, show its report; the exit status of `supervisor start`."""
+    unedited = [what for what, text in (("PACKAGE", package), ("RUN_TOML", run_toml)) if PLACEHOLDER in text]
+    if unedited:  # before anything is written or installed
+        print(f"edit the {' and '.join(unedited)} lines marked EDIT in this cell first ({PLACEHOLDER}... placeholders)")
+        return 2
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     config = work_dir / "run.toml"
     # Written every time, so the text in this cell is the run; the same text continues the same run.
     config.write_text(run_toml, encoding="utf-8")
-    unedited = [what for what, text in (("PACKAGE", package), ("RUN_TOML", run_toml)) if PLACEHOLDER in text]
-    if unedited:
-        print(f"edit the {' and '.join(unedited)} lines marked EDIT in this cell first ({PLACEHOLDER}... placeholders)")
-        return 2
     if not export_secrets(read_secrets(REQUIRED_SECRETS + OPTIONAL_SECRETS)):
         return 2
     python = sys.executable

@@ -389,6 +389,7 @@ def test_unedited_cell_stops_before_installing_anything(cell: Path, tmp_path: Pa
     assert proc.wait(timeout=60) == 2
     text = output.read_text()
     assert "PACKAGE and RUN_TOML" in text and "pip" not in text and "credentials" not in text
+    assert not (tmp_path / "work").exists()  # nothing written either
 
 
 @pytest.mark.parametrize("cell", CELLS, ids=lambda p: p.stem)
