@@ -21,20 +21,15 @@ import subprocess
 import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+from conftest import toml_value  # noqa: E402  (the run.toml writer the tests and bench_core use)
+
 FAULTS = [
     {"kind": "cuda_error", "epoch": 1, "step": 2, "attempt": 0},
     {"kind": "gpu_oom", "epoch": 2, "step": 2, "attempt": 1},
     {"kind": "amp_overflow", "epoch": 3, "step": 1, "attempt": 2},
 ]
 EXPECTED = [("normal start", 0, -1), ("cuda error", 1, 0), ("gpu oom", 2, 1), ("nan", 3, 2)]
-
-
-def toml_value(v: object) -> str:
-    if isinstance(v, dict):
-        return "{ " + ", ".join(f"{k} = {toml_value(x)}" for k, x in v.items()) + " }"
-    if isinstance(v, list):
-        return "[" + ", ".join(toml_value(x) for x in v) + "]"
-    return json.dumps(v)  # strings, numbers and booleans read the same in TOML
 
 
 def write_run_toml(work: Path, epochs: int, images: int, size: int, device: str) -> Path:
@@ -70,7 +65,8 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--work", type=Path, default=Path("/tmp/gpu-check"))
     ap.add_argument("--epochs", type=int, default=5)
-    ap.add_argument("--images", type=int, default=1280)
+    ap.add_argument("--images", type=int, default=1280,
+                    help="keep >= ~1000: the scale falls from up to 65536 below 1 within epoch 3 only with ~20+ steps")
     ap.add_argument("--size", type=int, default=416, help="input side, a multiple of 32")
     ap.add_argument("--device", default="cuda", help="cpu only to try the script itself (faults are then simulated)")
     args = ap.parse_args()

@@ -22,7 +22,7 @@ import psutil
 
 from supervisor import protocol as P
 from supervisor.config import RunConfig
-from supervisor.faults import Fault, classify_exit, classify_line, describe_exit, quotes_source
+from supervisor.faults import Fault, classify_exit, classify_line, describe_exit
 from supervisor.monitors.disk import free_bytes
 from supervisor.monitors.events import EventTail
 from supervisor.monitors.files import CheckpointScanner
@@ -255,7 +255,7 @@ class Attempt:
 
     def _on_line(self, stream: str, line: str, at: float) -> None:
         previous, self._previous_line[stream] = self._previous_line.get(stream), line
-        fault = None if quotes_source(previous) else classify_line(line)
+        fault = classify_line(line, previous)
         if fault in (Fault.CUDA_ERROR, Fault.GPU_OOM, Fault.DISK_FULL) and self.fault is None:
             # Sticky CUDA errors poison the process: it may linger or hang. Give it a moment to exit.
             self._set_fault(fault, line.strip()[:300])

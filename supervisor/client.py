@@ -136,9 +136,12 @@ class Supervised:
         if self.events_path is None:
             return
         line = P.format_event(kind, **fields)
-        if not self.events_path.parent.is_dir():  # a script run by hand with SUPERVISOR_EVENTS set
+        try:
+            f = open(self.events_path, "a", encoding="utf-8")  # noqa: SIM115
+        except FileNotFoundError:  # a script run by hand with SUPERVISOR_EVENTS set: make its folder
             self.events_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.events_path, "a", encoding="utf-8") as f:
+            f = open(self.events_path, "a", encoding="utf-8")  # noqa: SIM115
+        with f:
             f.write(line)
             f.flush()
 

@@ -70,18 +70,10 @@ _STDERR_RULES: tuple[tuple[Fault, re.Pattern[str]], ...] = (
 )
 
 
-def classify_line(line: str) -> Fault | None:
-    """The fault a single stdout/stderr line is evidence of, or None."""
-    for fault, pattern in _STDERR_RULES:
-        if pattern.search(line):
-            return fault
-    return None
-
-
 _TRACEBACK_FILE = re.compile(r'^\s+File "[^"]*", line \d+')
 
 
-def quotes_source(previous: str | None) -> bool:
+def _quotes_source(previous: str | None) -> bool:
     """True for the line after a traceback's `File "...", line N`: the code it quotes, not an error.
 
     Seen on an H200: `torch.empty(...)  # raises torch.OutOfMemoryError` quoted in a traceback
@@ -91,9 +83,20 @@ def quotes_source(previous: str | None) -> bool:
     return previous is not None and _TRACEBACK_FILE.match(previous) is not None
 
 
+def classify_line(line: str, previous: str | None = None) -> Fault | None:
+    """The fault a single stdout/stderr line is evidence of, or None; `previous` is the line before
+    it on the same stream (the code a traceback quotes is not evidence)."""
+    if _quotes_source(previous):
+        return None
+    for fault, pattern in _STDERR_RULES:
+        if pattern.search(line):
+            return fault
+    return None
+
+
 def classify_tail(lines: list[str]) -> Fault | None:
     """The most specific fault named anywhere in an output tail (GPU OOM beats CUDA error, etc.)."""
-    found = {classify_line(x) for i, x in enumerate(lines) if not quotes_source(lines[i - 1] if i else None)}
+    found = {classify_line(x, lines[i - 1] if i else None) for i, x in enumerate(lines)}
     for fault, _ in _STDERR_RULES:
         if fault in found:
             return fault

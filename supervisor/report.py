@@ -61,7 +61,7 @@ def to_markdown(rep: dict) -> str:
     for metric, b in rep["best"].items():
         value = b["value"]
         shown = f"{value * 100:.2f}%" if metric in ("AP50", "VOCmAP") else f"{value:.4g}"
-        out.append(f"* {b.get('mode', 'max')} {metric}: {shown} @ epoch {b['epoch']}")
+        out.append(f"* {b['mode']} {metric}: {shown} @ epoch {b['epoch']}")
     ck = rep["checkpoints"]
     out.append(f"* verified checkpoints: {', '.join(map(str, ck)) if ck else 'none'}")
     out += ["", "| epoch | load_epoch | seed | reason |", "| :---: | :---: | :---: | :---: |"]
