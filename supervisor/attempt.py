@@ -23,6 +23,7 @@ import psutil
 from supervisor import protocol as P
 from supervisor.config import RunConfig
 from supervisor.faults import Fault, classify_exit, classify_line, describe_exit
+from supervisor.layout import RunLayout
 from supervisor.monitors.disk import free_bytes
 from supervisor.monitors.events import EventTail
 from supervisor.monitors.files import CheckpointScanner
@@ -96,11 +97,12 @@ class Attempt:
         self.hooks = hooks
         self.echo = echo
         self.state = "launching"
-        adir = run_dir / "attempts"
-        adir.mkdir(parents=True, exist_ok=True)
-        self.events_path = adir / f"attempt-{spec.attempt:04d}.events.jsonl"
-        self.log_path = adir / f"attempt-{spec.attempt:04d}.log"
-        self.checkpoint_dir = run_dir / "checkpoints"
+        layout = RunLayout(run_dir)
+        layout.attempts.mkdir(parents=True, exist_ok=True)
+        self.events_path = layout.attempt_events(spec.attempt)
+        self.log_path = layout.attempt_log(spec.attempt)
+        self.checkpoint_dir = layout.checkpoints
+        self.params_path = layout.params
         self.proc: subprocess.Popen[bytes] | None = None
         self.fault: Fault | None = None
         self.detail = ""
@@ -142,7 +144,7 @@ class Attempt:
             P.ENV_START_EPOCH: str(s.start_epoch),
             P.ENV_EPOCHS: str(self.cfg.epochs),
             P.ENV_ATTEMPT: str(s.attempt),
-            P.ENV_PARAMS: str(self.run_dir / "params.json"),
+            P.ENV_PARAMS: str(self.params_path),
             P.ENV_BATCH_DIVISOR: str(s.batch_divisor),
             P.ENV_LOAD_PATH: str(s.load_path or ""),
             P.ENV_LOAD_SHA256: s.load_sha256 or "",
@@ -158,7 +160,7 @@ class Attempt:
             "epochs": str(self.cfg.epochs), "run_dir": str(self.run_dir),
             "checkpoint_dir": str(self.checkpoint_dir), "attempt": str(s.attempt),
             "batch_divisor": str(s.batch_divisor), "load_path": str(s.load_path or ""),
-            "params": str(self.run_dir / "params.json"), "python": sys.executable,
+            "params": str(self.params_path), "python": sys.executable,
         }  # fmt: skip
 
     def launch(self) -> list[str]:

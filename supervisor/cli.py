@@ -38,11 +38,13 @@ def _resolve(target: str) -> tuple[RunConfig | None, Path, str]:
 def _holder(run_dir: Path) -> dict | None:
     from filelock import FileLock, Timeout
 
-    from supervisor.watchdog import LOCK_NAME, holder_info
+    from supervisor.layout import RunLayout
+    from supervisor.watchdog import holder_info
 
-    if not (run_dir / LOCK_NAME).exists():
+    lock_path = RunLayout(run_dir).lock
+    if not lock_path.exists():
         return None
-    lock = FileLock(str(run_dir / LOCK_NAME))
+    lock = FileLock(str(lock_path))
     try:
         lock.acquire(timeout=0)
     except Timeout:
@@ -100,7 +102,9 @@ def cmd_report(args: argparse.Namespace) -> int:
     from supervisor import report
 
     cfg, run_dir, name = _resolve(args.run)
-    if not (run_dir / "ledger.jsonl").exists():
+    from supervisor.layout import RunLayout
+
+    if not RunLayout(run_dir).ledger.exists():
         return _fail(f"{run_dir} holds no run (no ledger.jsonl); pass a run.toml or a run dir")
     metric = cfg.checkpoints.best_metric if cfg else None
     mode = cfg.checkpoints.best_mode if cfg else "max"
@@ -110,14 +114,14 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 def cmd_stop(args: argparse.Namespace) -> int:
-    from supervisor.watchdog import STOP_NAME
+    from supervisor.layout import RunLayout
 
     cfg, run_dir, name = _resolve(args.run)
     holder = _holder(run_dir)
     if holder is None:
         print(f"run '{name}' is not running")
         return 0
-    (run_dir / STOP_NAME).touch()
+    RunLayout(run_dir).stop_request.touch()
     pid = holder.get("pid")
     if pid and holder.get("host") == socket.gethostname():
         try:

@@ -7,18 +7,17 @@ imports this package for the protocol never pulls torch in.
 
 from __future__ import annotations
 
-import contextlib
-import hashlib
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from supervisor import protocol as P
+from supervisor.durable import atomic_write, fsync_dir, sha256_file
+
+__all__ = ["ChecksumMismatch", "NonFiniteLoss", "Supervised", "atomic_write", "fsync_dir", "sha256_file"]
 
 
 class NonFiniteLoss(RuntimeError):
@@ -27,51 +26,6 @@ class NonFiniteLoss(RuntimeError):
 
 class ChecksumMismatch(RuntimeError):
     """A checkpoint file's sha256 differs from the one the supervisor recorded."""
-
-
-def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def fsync_dir(path: str | os.PathLike[str]) -> None:
-    """Make a rename inside `path` durable (no-op where directories cannot be opened)."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None]) -> Path:
-    """Write a file through `write(fileobj)` into a temp file beside it, fsync, then rename into place.
-
-    Readers never see a partial file: either the old one, or the complete new one.
-    """
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(target.parent)
-    return target
 
 
 def _env_int(env: dict[str, str], name: str, default: int) -> int:

@@ -15,9 +15,8 @@ from pathlib import Path
 from typing import Any
 
 from supervisor.faults import NORMAL_START
+from supervisor.layout import LEDGER_NAME  # noqa: F401 - re-exported
 from supervisor.store.base import CheckpointRecord
-
-LEDGER_NAME = "ledger.jsonl"
 
 # Fact kinds.
 SESSION_STARTED = "session_started"

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from supervisor import ledger as L
+from supervisor.layout import RunLayout
 from supervisor.monitors.events import EventTail
 from supervisor.protocol import EVENT_STEP
 
@@ -89,7 +90,7 @@ def status(run_dir: Path, name: str, holder: dict | None) -> dict:
         out["supervisor"] = {"pid": holder.get("pid"), "host": holder.get("host")}
     if last is not None:
         out.update(attempt=last.attempt, seed=last.seed, epoch=last.start_epoch, reason=last.reason)
-        events = run_dir / "attempts" / f"attempt-{last.attempt:04d}.events.jsonl"
+        events = RunLayout(run_dir).attempt_events(last.attempt)
         evs = EventTail(events).poll()
         if evs:
             age = time.time() - events.stat().st_mtime

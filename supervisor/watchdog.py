@@ -21,9 +21,10 @@ from filelock import FileLock, Timeout
 from supervisor import __version__, policy
 from supervisor import ledger as L
 from supervisor.attempt import Attempt, AttemptSpec, Hooks
-from supervisor.client import atomic_write, sha256_file
 from supervisor.config import RunConfig
+from supervisor.durable import atomic_write, sha256_file
 from supervisor.faults import Fault
+from supervisor.layout import RunLayout
 from supervisor.platforms import Platform, detect
 from supervisor.platforms.notices import NoticePoller
 from supervisor.store.base import CheckpointRecord, Store, StoreError
@@ -31,7 +32,6 @@ from supervisor.store.base import CheckpointRecord, Store, StoreError
 log = logging.getLogger("supervisor")
 
 EXIT_COMPLETED, EXIT_GAVE_UP, EXIT_USAGE, EXIT_PAUSED = 0, 1, 2, 75
-LOCK_NAME, HOLDER_NAME, STOP_NAME = "supervisor.lock", "supervisor.json", "STOP"
 
 
 def _size_and_sha256(path: Path) -> tuple[int, str]:
@@ -44,7 +44,7 @@ class LockHeld(RuntimeError):
 
 def holder_info(run_dir: Path) -> dict[str, Any]:
     try:
-        return json.loads((run_dir / HOLDER_NAME).read_text())
+        return json.loads(RunLayout(run_dir).holder.read_text())
     except (OSError, ValueError):
         return {}
 
@@ -64,9 +64,10 @@ class Watchdog:
         self.cfg = cfg
         self.store = store
         self.run_dir = cfg.resolved_run_dir()
+        self.layout = RunLayout(self.run_dir)
         self.platform = platform or detect(cfg.platform.detect, cfg.platform.session_limit_s)
         self.echo = echo
-        self.ledger = L.Ledger(self.run_dir / L.LEDGER_NAME, on_append=store.ledger_changed,
+        self.ledger = L.Ledger(self.layout.ledger, on_append=store.ledger_changed,
                                fenced=lambda: not store.writable(wait_s=5.0))  # fmt: skip
         self._pause_why: str | None = None
         self._attempt: Attempt | None = None
@@ -98,8 +99,8 @@ class Watchdog:
         if self._stop is None and (error := self.store.permanent_error()) is not None:
             log.error("%s: pausing the run", error)
             self._stop, self._pause_why = Fault.STOPPED, error
-        if self._stop is None and (self.run_dir / STOP_NAME).exists():
-            (self.run_dir / STOP_NAME).unlink(missing_ok=True)
+        if self._stop is None and self.layout.stop_request.exists():
+            self.layout.stop_request.unlink(missing_ok=True)
             log.warning("stop requested (supervisor stop): pausing the run")
             self._stop = Fault.STOPPED
         if self._stop is None and (notice := self.notices.notice()) is not None:
@@ -174,7 +175,7 @@ class Watchdog:
 
     def run(self) -> int:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(self.run_dir / LOCK_NAME))
+        lock = FileLock(str(self.layout.lock))
         try:
             lock.acquire(timeout=0)
         except Timeout:
@@ -182,9 +183,9 @@ class Watchdog:
                            "stop it first (supervisor stop) or wait for it to end") from None  # fmt: skip
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            atomic_write(self.run_dir / HOLDER_NAME, lambda f: f.write(json.dumps(
+            atomic_write(self.layout.holder, lambda f: f.write(json.dumps(
                 {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}).encode()))  # fmt: skip
-            (self.run_dir / STOP_NAME).unlink(missing_ok=True)
+            self.layout.stop_request.unlink(missing_ok=True)
             self.store.open()
             self.notices.start()
             if not self.ledger.path.exists() and self.store.restore(self.run_dir):
@@ -202,7 +203,7 @@ class Watchdog:
             self.notices.close()
             self._hasher.shutdown(wait=True)
             self.store.close()
-            (self.run_dir / HOLDER_NAME).unlink(missing_ok=True)
+            self.layout.holder.unlink(missing_ok=True)
             lock.release()
 
     def _close_lost_attempt(self, view: L.RunView) -> None:
@@ -306,7 +307,7 @@ class Watchdog:
 
     def _write_params(self) -> None:
         data = json.dumps(self.cfg.trainer.params, indent=2, sort_keys=True).encode()
-        atomic_write(self.run_dir / "params.json", lambda f: f.write(data))
+        atomic_write(self.layout.params, lambda f: f.write(data))
 
     def _end(self, status: str, code: int, why: str) -> int:
         budget = self.cfg.storage.drain_timeout_s if self.cfg.storage else 0.0

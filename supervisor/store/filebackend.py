@@ -22,7 +22,7 @@ from typing import TypeVar
 
 from filelock import FileLock, Timeout
 
-from supervisor.client import fsync_dir
+from supervisor.durable import fsync_dir
 from supervisor.store.backend import (
     LocalFileChanged,
     ObjectBackend,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from supervisor.client import sha256_file
+from supervisor.durable import sha256_file
 from supervisor.store.base import CheckpointRecord, Store
 
 

@@ -23,7 +23,8 @@ from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
-from supervisor.client import atomic_write, sha256_file
+from supervisor.durable import atomic_write, sha256_file
+from supervisor.layout import LEDGER_NAME
 from supervisor.store.backend import LocalFileChanged, ObjectBackend, TransientStoreError
 from supervisor.store.base import CheckpointRecord, Store, StoreError
 from supervisor.store.lease import LEASE_KEY, Lease
@@ -32,7 +33,6 @@ from supervisor.store.progress import ProgressLog, human_bytes
 log = logging.getLogger(__name__)
 
 LEDGER_KEY = "ledger.jsonl"
-LEDGER_NAME = "ledger.jsonl"
 MANIFEST_DIR = "manifest"
 _RESERVED = (LEDGER_KEY, LEASE_KEY)
 

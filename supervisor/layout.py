@@ -1,0 +1,64 @@
+"""The run dir's layout, named in one place (every module asks here for a path).
+
+    <run_dir>/
+      ledger.jsonl                 the append-only record (ledger.py)
+      ledger.torn-<unix ms>.jsonl  a torn tail set aside before the ledger was repaired
+      params.json                  [trainer.params] for SUPERVISOR_PARAMS
+      supervisor.lock              held by the supervisor driving the run (filelock)
+      supervisor.json              who holds the lock: pid, host, start time
+      STOP                         `supervisor stop` asks for a pause by creating it
+      checkpoints/                 the trainer's checkpoint files (SUPERVISOR_CHECKPOINT_DIR)
+      attempts/attempt-NNNN.log            the attempt's stdout and stderr
+      attempts/attempt-NNNN.events.jsonl   the attempt's events (SUPERVISOR_EVENTS)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+LEDGER_NAME = "ledger.jsonl"
+
+
+@dataclass(frozen=True)
+class RunLayout:
+    """The paths of one run dir."""
+
+    root: Path
+
+    @property
+    def ledger(self) -> Path:
+        return self.root / LEDGER_NAME
+
+    def torn_ledger(self, stamp_ms: int) -> Path:
+        return self.root / f"ledger.torn-{stamp_ms}.jsonl"
+
+    @property
+    def params(self) -> Path:
+        return self.root / "params.json"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / "supervisor.lock"
+
+    @property
+    def holder(self) -> Path:
+        return self.root / "supervisor.json"
+
+    @property
+    def stop_request(self) -> Path:
+        return self.root / "STOP"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def attempts(self) -> Path:
+        return self.root / "attempts"
+
+    def attempt_log(self, attempt: int) -> Path:
+        return self.attempts / f"attempt-{attempt:04d}.log"
+
+    def attempt_events(self, attempt: int) -> Path:
+        return self.attempts / f"attempt-{attempt:04d}.events.jsonl"
