@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -10,6 +9,7 @@ import torch
 
 from trainer.loss import LossWeights, yolo_loss
 from trainer.model import Detector, level_anchors
+from trainer.params import load_params
 from trainer.targets import build_targets
 
 ANCHORS = level_anchors()
@@ -33,13 +33,16 @@ GT = torch.tensor(
 
 
 def parts(**kw) -> dict[str, float]:
-    w = dataclasses.replace(LossWeights(), **kw)
-    return yolo_loss(outputs(), GT, ANCHORS, w, epoch=kw.pop("_epoch", 0))[1]
+    return yolo_loss(outputs(), GT, ANCHORS, LossWeights(**kw), epoch=0)[1]
 
 
 def total(epoch: int = 0, **kw) -> float:
-    w = dataclasses.replace(LossWeights(), **kw)
-    return float(yolo_loss(outputs(), GT, ANCHORS, w, epoch=epoch)[0])
+    return float(yolo_loss(outputs(), GT, ANCHORS, LossWeights(**kw), epoch=epoch)[0])
+
+
+def levels(s1: float, s2: float, s4: float) -> dict[str, float]:
+    """lambda_scale_1, _2, _4 as keyword arguments."""
+    return {"lambda_scale_1": s1, "lambda_scale_2": s2, "lambda_scale_4": s4}
 
 
 @pytest.mark.parametrize(
@@ -57,11 +60,11 @@ def test_each_lambda_scales_its_own_term_only(knob, component):
 
 
 def test_lambda_scale_weights_the_stride_32_16_8_levels():
-    full = total(lambda_scale=(1.0, 1.0, 1.0))
-    per_level = [total(lambda_scale=s) for s in ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))]
+    full = total(**levels(1.0, 1.0, 1.0))
+    per_level = [total(**levels(*s)) for s in ((1.0, 0.0, 0.0), (0.0, 1.0, 0.0), (0.0, 0.0, 1.0))]
     assert sum(per_level) == pytest.approx(full, rel=1e-5)
-    assert total(lambda_scale=(2.0, 0.0, 0.0)) == pytest.approx(2 * per_level[0], rel=1e-5)
-    assert total(lambda_scale=(0.4, 1.0, 4.0)) == pytest.approx(
+    assert total(**levels(2.0, 0.0, 0.0)) == pytest.approx(2 * per_level[0], rel=1e-5)
+    assert total(**levels(0.4, 1.0, 4.0)) == pytest.approx(
         0.4 * per_level[0] + per_level[1] + 4 * per_level[2], rel=1e-5
     )
 
@@ -117,10 +120,32 @@ def test_eps_keeps_degenerate_boxes_finite():
 
 
 def test_bubbliiiing_weights_give_a_finite_loss():
-    w = LossWeights(lambda_scale=(0.4, 1.0, 4.0), lambda_coord=0.05, lambda_obj=5.0, lambda_class=20 / 80,
+    w = LossWeights(**levels(0.4, 1.0, 4.0), lambda_coord=0.05, lambda_obj=5.0, lambda_class=20 / 80,
                     lambda_prior=0.001, IoU_thres=0.5)  # fmt: skip
     loss, p = yolo_loss(outputs(), GT, ANCHORS, w, 0)
     assert math.isfinite(float(loss)) and all(math.isfinite(v) for v in p.values())
+
+
+# Computed by the loss before its knobs moved from a dataclass copied field by field out of Params into
+# LossWeights, the base of Params: (total, components) at epoch 0 for outputs() and GT.
+PINNED_DEFAULTS = (455.1240234375, {"coord": 143.51498413085938, "obj": 14.067789077758789,
+                   "noobj": 204.26393127441406, "class": 42.76202392578125, "prior": 50.515281677246094})  # fmt: skip
+PINNED_BUBBLIIIING = (679.4226684570312, {"coord": 0.5190505981445312, "obj": 7.813270568847656,
+                      "noobj": 668.3845825195312, "class": 1.0786170959472656, "prior": 1.627169132232666})  # fmt: skip
+BUBBLIIIING_TABLE = {**levels(0.4, 1.0, 4.0), "lambda_coord": 0.05, "lambda_obj": 5.0, "lambda_class": "1 * 20 / 80",
+                     "lambda_prior": 0.001, "IoU_thres": 0.5}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("weights", "pinned"),
+    [(LossWeights(), PINNED_DEFAULTS), (load_params({}), PINNED_DEFAULTS),
+     (load_params(BUBBLIIIING_TABLE), PINNED_BUBBLIIIING)],
+    ids=["defaults", "params-defaults", "params-bubbliiiing"],
+)  # fmt: skip
+def test_loss_values_match_those_pinned_before_the_knobs_moved(weights, pinned):
+    loss, p = yolo_loss(outputs(), GT, ANCHORS, weights, epoch=0)
+    assert float(loss) == pytest.approx(pinned[0], rel=1e-6)
+    assert p == pytest.approx(pinned[1], rel=1e-6)
 
 
 def test_targets_pick_the_best_anchor_level_and_cell():

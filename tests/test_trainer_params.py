@@ -9,7 +9,7 @@ import sys
 import pytest
 from trainer_helpers import ROOT
 
-from trainer.params import ParamsError, load_params, read_params_file
+from trainer.params import LossWeights, ParamsError, load_params, read_params_file
 
 # The parameter blocks of two runs of the log, verbatim (Python assignment syntax).
 BASELINE = """
@@ -123,6 +123,9 @@ def test_triple_segments_and_gaps():
     ("raw", "needle"),
     [
         ({"lambda_coordd": 1}, "unknown parameter 'lambda_coordd'"),
+        ({"lambda_scale": [1, 1, 1]}, "unknown parameter 'lambda_scale'"),
+        ({"IoU_thres": 1.5}, "parameter 'IoU_thres'"),
+        ({"epoch_prior": -1}, "parameter 'epoch_prior'"),
         ({"momentum": 1.5}, "'momentum'"),
         ({"lambda_class": "1 / 0"}, "'lambda_class'"),
         ({"lambda_class": "__import__('os')"}, "'lambda_class'"),
@@ -149,6 +152,14 @@ def test_params_files_json_and_toml(tmp_path):
     assert load_params(read_params_file(tmp_path / "plain.toml")).num_epoch == 11
     with pytest.raises(ParamsError, match="cannot read"):
         read_params_file(tmp_path / "missing.json")
+
+
+def test_loss_knobs_are_flat_keys_whose_defaults_are_the_losses():
+    p = load_params({"lambda_coord": 2.0, "lambda_scale_4": 3, "no_obj_v3": False})
+    assert isinstance(p, LossWeights)  # yolo_loss takes the run's Params as they are
+    assert (p.lambda_coord, p.lambda_scale, p.no_obj_v3) == (2.0, (1.0, 1.0, 3.0), False)
+    defaults = LossWeights()
+    assert {k: getattr(load_params({}), k) for k in LossWeights.model_fields} == defaults.model_dump()
 
 
 def test_classes_default_to_voc_or_the_synthetic_set():

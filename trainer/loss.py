@@ -14,51 +14,16 @@ w_c = 2 - w*h (box size as input fractions) when scale_coord, else 1: small boxe
 ground truth by more than IoU_thres are ignored instead of pushed to 0 (YOLOv1/v2 push them all).
 The prior term (darknet's region layer) pulls every non-responsible prediction toward its anchor
 while epoch < epoch_prior and vanishes afterwards. eps floors w/anchor inside the log.
+The knobs are declared once, with their defaults, in trainer.params.LossWeights; a run's `Params` is one.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 import torch.nn.functional as F
 
+from trainer.params import LossWeights
 from trainer.targets import build_targets, decode_level, gt_by_image, max_iou_with_gt
-
-
-@dataclass(frozen=True)
-class LossWeights:
-    """The loss knobs, named as in the log (see the module docstring)."""
-
-    lambda_scale: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    lambda_coord: float = 10.0
-    lambda_noobj: float = 1.0
-    lambda_obj: float = 10.0
-    lambda_class: float = 10.0
-    lambda_prior: float = 0.1
-    epoch_prior: int = 60
-    IoU_thres: float = 0.7  # noqa: N815 - the log's name
-    scale_coord: bool = True
-    eps: float = 1e-6
-    no_obj_v3: bool = True
-
-    @classmethod
-    def from_params(cls, p: object) -> LossWeights:
-        g = p.__getattribute__
-        return cls(
-            lambda_scale=(g("lambda_scale_1"), g("lambda_scale_2"), g("lambda_scale_4")),
-            lambda_coord=g("lambda_coord"),
-            lambda_noobj=g("lambda_noobj"),
-            lambda_obj=g("lambda_obj"),
-            lambda_class=g("lambda_class"),
-            lambda_prior=g("lambda_prior"),
-            epoch_prior=g("epoch_prior"),
-            IoU_thres=g("IoU_thres"),
-            scale_coord=g("scale_coord"),
-            eps=g("eps"),
-            no_obj_v3=g("no_obj_v3"),
-        )
-
 
 COMPONENTS = ("coord", "obj", "noobj", "class", "prior")
 
@@ -73,7 +38,8 @@ def yolo_loss(
     """Total loss (a scalar tensor) and its weighted components summed over levels (floats).
 
     `outputs` are the detector's three raw levels, `gt` the batch's (N, 6) ground-truth rows in
-    input fractions, `anchors` (3, 3, 2). Computed in float32 whatever the autocast dtype.
+    input fractions, `anchors` (3, 3, 2); `weights` may be the run's `Params`. Computed in float32
+    whatever the autocast dtype.
     """
     outputs = [o.float() for o in outputs]
     batch = outputs[0].shape[0]

@@ -89,7 +89,34 @@ class CosineSegment(BaseModel):
     t_half: float = Field(gt=0)
 
 
-class Params(BaseModel):
+class LossWeights(BaseModel):
+    """The loss knobs (their meaning: trainer/loss.py and docs/trainer.md); what `yolo_loss` takes."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    lambda_scale_1: Num = 1.0
+    lambda_scale_2: Num = 1.0
+    lambda_scale_4: Num = 1.0
+    lambda_coord: Num = 10.0
+    lambda_noobj: Num = 1.0
+    lambda_obj: Num = 10.0
+    lambda_class: Num = 10.0
+    lambda_prior: Num = 0.1
+    epoch_prior: int = Field(60, ge=0)
+    IoU_thres: Num = Field(0.7, ge=0, le=1)
+    scale_coord: bool = True
+    eps: Num = Field(1e-6, gt=0)
+    no_obj_v3: bool = True
+
+    @property
+    def lambda_scale(self) -> tuple[float, float, float]:
+        """The weights of the stride-32, 16 and 8 levels, in the detector's output order."""
+        return (self.lambda_scale_1, self.lambda_scale_2, self.lambda_scale_4)
+
+
+# Params inherits the loss knobs rather than nesting them so they stay flat keys of [trainer.params]
+# and a validation error names the key the user wrote.
+class Params(LossWeights):
     """All parameters of one run; see docs/trainer.md for what each one does."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -108,20 +135,6 @@ class Params(BaseModel):
     momentum: Num = Field(0.9, ge=0, lt=1)
     mix_precision: bool = True
     clip_max_norm: Num | None = Field(20.0, ge=0)
-    # loss
-    lambda_scale_1: Num = 1.0
-    lambda_scale_2: Num = 1.0
-    lambda_scale_4: Num = 1.0
-    lambda_coord: Num = 10.0
-    lambda_noobj: Num = 1.0
-    lambda_obj: Num = 10.0
-    lambda_class: Num = 10.0
-    lambda_prior: Num = 0.1
-    epoch_prior: int = Field(60, ge=0)
-    IoU_thres: Num = Field(0.7, ge=0, le=1)
-    scale_coord: bool = True
-    eps: Num = Field(1e-6, gt=0)
-    no_obj_v3: bool = True
     # learning rate
     lr_linear_max: Num = Field(0.15, ge=0)
     lr_warmup_epoch: Num = Field(30, ge=0)

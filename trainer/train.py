@@ -36,7 +36,7 @@ from trainer.data import (
     read_voc,
 )
 from trainer.evaluate import evaluate_detections, postprocess
-from trainer.loss import LossWeights, yolo_loss
+from trainer.loss import yolo_loss
 from trainer.model import Detector, level_anchors
 from trainer.params import Params
 from trainer.schedule import LRSchedule, step_position
@@ -60,7 +60,6 @@ class Attempt:
     scaler: torch.amp.GradScaler
     schedule: LRSchedule
     anchors: torch.Tensor
-    weights: LossWeights
     train_index: VOCIndex
     test_index: VOCIndex
     epochs: int
@@ -162,7 +161,7 @@ def setup(params: Params, sup: Supervised) -> Attempt:
     att = Attempt(
         params=params, sup=sup, device=device, model=model, optimizer=optimizer, scaler=scaler,
         schedule=LRSchedule.from_params(params), anchors=level_anchors(params.anchors).to(device),
-        weights=LossWeights.from_params(params), train_index=train_index, test_index=test_index,
+        train_index=train_index, test_index=test_index,
         epochs=epochs, micro_batch=micro, accum=accum, autocast=autocast, channels_last=channels_last,
     )  # fmt: skip
     if resuming:
@@ -289,7 +288,7 @@ def train_epoch(att: Attempt, loader: DataLoader, sampler: EpochBatchSampler, ep
         x = imgs.to(att.device, non_blocking=True).float().div_(255.0).contiguous(memory_format=fmt)
         with torch.autocast(att.device.type, dtype=torch.float16, enabled=att.autocast):
             outputs = model(x)
-        loss, parts = yolo_loss(outputs, gt, att.anchors, att.weights, epoch)
+        loss, parts = yolo_loss(outputs, gt, att.anchors, att.params, epoch)
         for k, v in parts.items():
             comp[k] = comp.get(k, 0.0) + v / micro_total
         if first and kind == "nan":
@@ -343,7 +342,7 @@ def evaluate(att: Attempt, loader: DataLoader, epoch: int) -> dict[str, Any]:
         x = imgs.to(att.device, non_blocking=True).float().div_(255.0).contiguous(memory_format=fmt)
         with torch.autocast(att.device.type, dtype=torch.float16, enabled=att.autocast):
             outputs = model(x)
-        loss, _ = yolo_loss(outputs, gt, att.anchors, att.weights, epoch)
+        loss, _ = yolo_loss(outputs, gt, att.anchors, att.params, epoch)
         loss_sum += float(loss)
         results = postprocess(
             outputs, att.anchors, (x.shape[2], x.shape[3]), p.conf_thres, p.conf_ratio_thres, p.nms_thres, p.max_det
