@@ -1,5 +1,10 @@
 """Verbs: start, validate, status, report, stop. Exit codes: 0 completed, 1 gave up,
-2 invalid config / usage / run held by another supervisor, 75 paused (run the same command again)."""
+2 invalid config / usage / run held by another supervisor, 75 paused (run the same command again).
+
+Every error a user can cause ends in one line on stderr, never a traceback: config problems and a
+trainer command that cannot run exit 2 before anything is written; a store that does not answer or
+a disk that cannot be written (full, read-only, no permission) exits 75.
+"""
 
 from __future__ import annotations
 
@@ -17,11 +22,23 @@ from supervisor import __version__
 from supervisor.config import ConfigError, RunConfig, load_config
 
 EXIT_USAGE = 2
+EXIT_PAUSED = 75
 
 
-def _fail(message: str) -> int:
+def _fail(message: str, code: int = EXIT_USAGE) -> int:
     sys.stderr.write(f"supervisor: {message}\n")
-    return EXIT_USAGE
+    return code
+
+
+def _load_runnable(config: str) -> RunConfig:
+    """The validated config, or ConfigError if it is invalid or its trainer command cannot be run."""
+    from supervisor.preflight import command_problems
+
+    cfg = load_config(config)
+    problems = command_problems(cfg)
+    if problems:
+        raise ConfigError(Path(config), problems)
+    return cfg
 
 
 def _resolve(target: str) -> tuple[RunConfig | None, Path, str]:
@@ -38,8 +55,7 @@ def _resolve(target: str) -> tuple[RunConfig | None, Path, str]:
 def _holder(run_dir: Path) -> dict | None:
     from filelock import FileLock, Timeout
 
-    from supervisor.layout import RunLayout
-    from supervisor.watchdog import holder_info
+    from supervisor.layout import RunLayout, holder_info
 
     lock_path = RunLayout(run_dir).lock
     if not lock_path.exists():
@@ -55,34 +71,39 @@ def _holder(run_dir: Path) -> dict | None:
 
 def open_store(cfg: RunConfig):
     """The store run.toml asks for: the run dir itself, or a remote one under [storage]."""
-    from supervisor.store import LocalStore
+    from supervisor.store.factory import open_store as open_configured
 
-    if cfg.storage is None:
-        return LocalStore()
-    from supervisor.store.factory import open_store as open_remote
-    from supervisor.store.settings import StorageSettings
-
-    return open_remote(StorageSettings(**cfg.storage.model_dump()), cfg.name, cfg.resolved_run_dir())
+    return open_configured(cfg.storage, cfg.name, cfg.resolved_run_dir())
 
 
 def cmd_validate(args: argparse.Namespace) -> int:
-    cfg = load_config(args.config)
+    cfg = _load_runnable(args.config)
     print(f"{args.config}: ok (run '{cfg.name}', {cfg.epochs} epochs, run dir {cfg.resolved_run_dir()})")
     return 0
 
 
 def cmd_start(args: argparse.Namespace) -> int:
+    from supervisor.oserrors import describe_os_error
     from supervisor.store import StoreError
+    from supervisor.store.backend import TransientStoreError
     from supervisor.watchdog import LockHeld, Watchdog
 
-    cfg = load_config(args.config)
+    cfg = _load_runnable(args.config)  # before the run dir exists: a bad command burns no seed
     try:
         store = open_store(cfg)
         return Watchdog(cfg, store, echo=not args.quiet).run()
     except LockHeld as exc:
         return _fail(str(exc))
+    except TransientStoreError as exc:
+        # Unreachable is a condition that may pass (network, server restarting): a pause, not a mistake.
+        where = cfg.storage.describe() if cfg.storage else "the store"
+        return _fail(f"store {where} did not answer: {exc}; run the same command again when it answers",
+                     EXIT_PAUSED)  # fmt: skip
     except StoreError as exc:
         return _fail(str(exc))
+    except OSError as exc:  # the last net: the watchdog handles what it can inside run()
+        code, line = describe_os_error(exc, "write")
+        return _fail(line, code)
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -174,11 +195,18 @@ def main(argv: list[str] | None = None) -> int:
         format="supervisor: %(message)s",
         stream=sys.stderr,
     )
+    if not args.verbose:  # boto's INFO lines ("Found credentials in ...") are noise between our one-liners
+        for name in ("boto3", "botocore", "s3transfer", "urllib3"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         return args.func(args)
     except ConfigError as exc:
         sys.stderr.write(f"{exc}\n")
         return EXIT_USAGE
+    except OSError as exc:  # status, report, stop: a run dir whose files cannot be read
+        from supervisor.oserrors import describe_os_error
+
+        return _fail(describe_os_error(exc, "read")[1])
     except KeyboardInterrupt:
         return 130
 

@@ -1,11 +1,15 @@
 """The pydantic models of run.toml: the only place that knows its keys.
 
 `load_config(path)` returns a validated `RunConfig` or raises `ConfigError` whose lines each name a
-key by its dotted path and say what is expected.
+key by its dotted path and say what is expected. Every number is finite; durations have bounds
+where a larger value is surely a mistake (a week for timeouts). Keys whose names look like secrets
+are refused anywhere in the file (`secret_problems`, the one place that knows those names).
+The `[storage]` table is `supervisor.store.settings.StorageSettings`.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from pathlib import Path
@@ -20,6 +24,7 @@ else:  # pragma: no cover
 
 from supervisor.faults import Fault
 from supervisor.protocol import DEFAULT_CHECKPOINT_PATTERN, checkpoint_regex
+from supervisor.store.settings import StorageSettings
 
 PLACEHOLDERS = (
     "seed", "load_epoch", "start_epoch", "epochs", "run_dir", "checkpoint_dir",
@@ -30,7 +35,23 @@ _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g"
           "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3,
           "tib": 1024**4}  # fmt: skip
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*$")
-_SECRET_KEYS = re.compile(r"secret|password|token|access_key|session_key|credential", re.IGNORECASE)
+MAX_CONFIG_BYTES = 1 << 20  # a run.toml is a few KiB; more is a wrong path (a checkpoint, /dev/zero)
+
+WEEK = 7 * 86400.0
+# Durations: finite (every model refuses inf/nan), and a timeout or grace over a week is a typo.
+Timeout = Annotated[float, Field(gt=0, le=WEEK)]
+Grace = Annotated[float, Field(ge=0, le=WEEK)]
+
+# Key names that hold secrets, anywhere in run.toml, case-insensitive: *_KEY and a bare `key`
+# (api_key, WANDB_API_KEY; a bare key most often names an API key, and a refused name costs a
+# rename while a leaked secret cannot be taken back), *_KEY_ID and access keys, *TOKEN* except
+# tokens/tokenizer* (max_tokens, TOKENIZERS_PARALLELISM are settings), *SECRET*, *PASSWORD*,
+# *PASSWD*, *CREDENTIAL*.
+_SECRET_NAME = re.compile(
+    r"(?:^|[_-])key$|apikey|_key_id$|access_?key|token(?!s|iz)|secret|passw(?:or)?d|credential", re.IGNORECASE
+)
+# ... unless the name says its value is a location (AWS_SHARED_CREDENTIALS_FILE, token_path).
+_LOCATION_NAME = re.compile(r"[_-](?:file|path|dir)$", re.IGNORECASE)
 
 
 class ConfigError(ValueError):
@@ -62,12 +83,14 @@ def parse_size(value: Any, what: str) -> int | float:
             return pct / 100.0
         m = _SIZE.match(s)
         if m and m.group(2).lower() in _UNITS:
-            return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+            size = float(m.group(1)) * _UNITS[m.group(2).lower()]
+            if math.isfinite(size):  # hundreds of digits overflow to inf
+                return int(size)
     raise ValueError(f"expected {what}: bytes, 20GiB, 512MB, or a percentage such as 90%")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TrainerConfig(_Strict):
@@ -117,8 +140,8 @@ class RestartConfig(_Strict):
     rollback_after: Annotated[int, Field(ge=1)] = 2
     halve_batch_on_gpu_oom: bool = True
     max_batch_divisor: Annotated[int, Field(ge=1)] = 8
-    backoff_initial_s: Annotated[float, Field(ge=0)] = 1.0
-    backoff_max_s: Annotated[float, Field(ge=0)] = 60.0
+    backoff_initial_s: Grace = 1.0
+    backoff_max_s: Grace = 60.0
     backoff_jitter: Annotated[float, Field(ge=0, le=1)] = 0.25
     no_progress_limit: Annotated[int, Field(ge=1)] = 5
     early_failure_limit: Annotated[int, Field(ge=1)] = 3
@@ -134,13 +157,14 @@ class RestartConfig(_Strict):
 
 
 class WatchConfig(_Strict):
-    heartbeat_timeout_s: Annotated[float, Field(gt=0)] = 600.0
-    startup_timeout_s: Annotated[float, Field(gt=0)] | None = None
+    heartbeat_timeout_s: Timeout = 600.0
+    startup_timeout_s: Timeout | None = None
     memory_limit: int | float | None = None
     disk_min_free: int | float | None = None
-    poll_interval_s: Annotated[float, Field(gt=0, le=5)] = 0.1
-    stop_grace_s: Annotated[float, Field(ge=0)] = 30.0
-    cuda_error_grace_s: Annotated[float, Field(ge=0)] = 5.0
+    # The watch loop's period: under 10 ms it only burns a core that the trainer needs.
+    poll_interval_s: Annotated[float, Field(ge=0.01, le=5)] = 0.1
+    stop_grace_s: Grace = 30.0
+    cuda_error_grace_s: Grace = 5.0
     tail_lines: Annotated[int, Field(ge=1)] = 200
     loss_regex: str = r"\bloss\b\s*[=:]\s*(?P<loss>[-+]?(?:nan|inf(?:inity)?|\d+(?:\.\d*)?(?:[eE][-+]?\d+)?))"
     nan_regex: str | None = None
@@ -168,7 +192,7 @@ class CheckpointsConfig(_Strict):
     best_metric: str | None = None
     best_mode: Literal["max", "min"] = "max"
     pattern: str = DEFAULT_CHECKPOINT_PATTERN
-    settle_s: Annotated[float, Field(ge=0)] = 2.0
+    settle_s: Grace = 2.0
 
     @field_validator("pattern")
     @classmethod
@@ -181,52 +205,24 @@ class CheckpointsConfig(_Strict):
         return v
 
 
-class StorageConfig(_Strict):
-    url: str
-    endpoint_url: str | None = None
-    region: str | None = None
-    addressing_style: Literal["auto", "path", "virtual"] = "auto"
-    profile: str | None = None
-    lease_ttl_s: Annotated[float, Field(gt=0)] = 60.0
-    drain_timeout_s: Annotated[float, Field(ge=0)] = 300.0
-    multipart_threshold: int = 16 * 2**20
-    multipart_chunksize: int = 16 * 2**20
-    max_concurrency: Annotated[int, Field(ge=1, le=64)] = 8
-    retry_attempts: Annotated[int, Field(ge=1, le=100)] = 6
-
-    @field_validator("multipart_threshold", "multipart_chunksize", mode="before")
-    @classmethod
-    def _bytes(cls, v: Any) -> Any:
-        size = parse_size(v, "a size")
-        if isinstance(size, float):
-            raise ValueError("expected a size in bytes such as 16MiB, not a percentage")
-        return size
-
-    @field_validator("url")
-    @classmethod
-    def _url(cls, v: str) -> str:
-        if not re.match(r"^(s3://[^/]+|file://)", v):
-            raise ValueError("expected s3://bucket/prefix or file:///absolute/path")
-        return v.rstrip("/")
-
-    @model_validator(mode="after")
-    def _settings(self) -> StorageConfig:
-        from supervisor.store.settings import StorageSettings
-
-        try:
-            StorageSettings(**self.model_dump())
-        except ValueError as exc:  # its messages start with "storage.<key>: "
-            raise ValueError(str(exc).removeprefix("storage.")) from None
-        return self
-
-
 class PlatformConfig(_Strict):
     session_limit_s: Annotated[float, Field(gt=0)] | None = None
     stop_margin_s: Annotated[float, Field(ge=0)] = 900.0
     detect: Literal["auto", "generic", "kaggle", "colab"] = "auto"
     spot: Literal["off", "auto", "aws", "gcp", "azure"] = "auto"
-    notice_poll_s: Annotated[float, Field(gt=0)] = 5.0
+    # Each poll is a request to the metadata service; notices come at most 2 min ahead (AWS), so a
+    # slower poll could never see one in time.
+    notice_poll_s: Annotated[float, Field(ge=0.1, le=120)] = 5.0
     metadata_url: str | None = None
+
+    @model_validator(mode="after")
+    def _margin(self) -> PlatformConfig:
+        if self.session_limit_s is not None and self.stop_margin_s >= self.session_limit_s:
+            raise ValueError(
+                f"platform.stop_margin_s: {self.stop_margin_s:g} s is not less than session_limit_s "
+                f"{self.session_limit_s:g} s, so the run would pause as soon as it starts; lower stop_margin_s"
+            )
+        return self
 
 
 class RunConfig(_Strict):
@@ -238,10 +234,17 @@ class RunConfig(_Strict):
     restart: RestartConfig = Field(default_factory=RestartConfig)
     watch: WatchConfig = Field(default_factory=WatchConfig)
     checkpoints: CheckpointsConfig = Field(default_factory=CheckpointsConfig)
-    storage: StorageConfig | None = None
+    storage: StorageSettings | None = None
     platform: PlatformConfig = Field(default_factory=PlatformConfig)
     # Where run.toml lives; relative paths resolve against it. Set by load_config, not by users.
     base_dir: Path = Field(default=Path("."), exclude=True)
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, v: str) -> str:
+        if v in (".", ".."):  # runs/{name} would be the runs folder or its parent, not a run's own folder
+            raise ValueError("expected a run name, not '.' or '..'")
+        return v
 
     def resolved_run_dir(self) -> Path:
         path = Path(self.run_dir.replace("{name}", self.name)).expanduser()
@@ -258,19 +261,42 @@ def _dotted(loc: tuple[Any, ...]) -> str:
     return out or "(top level)"
 
 
-def _secret_problems(raw: dict[str, Any], prefix: str = "") -> list[str]:
+def _secret_hint(path: str, key: str) -> str:
+    """Where a secret named `key` at dotted `path` belongs instead of run.toml."""
+    if path.startswith("storage."):
+        return (
+            "set AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY in the supervisor's environment or the platform's "
+            "secret store, or name a profile of a credentials file (~/.aws/credentials) with [storage] profile"
+        )
+    if path.startswith("trainer.env."):
+        return (
+            f"export {key} in the supervisor's environment instead (attempts inherit it), e.g. from the "
+            "platform's secret store"
+        )
+    return (
+        "keep it in the supervisor's environment (attempts inherit it) or the platform's secret store and read "
+        "it from there; if it holds no secret, rename the key"
+    )
+
+
+def secret_problems(raw: Any, prefix: str = "") -> list[str]:
+    """One line per key of a parsed run.toml, at any depth, whose name looks like a secret.
+
+    Each line names the dotted key (never its value) and where the secret belongs instead.
+    """
     problems = []
+    if isinstance(raw, list):
+        for i, item in enumerate(raw):
+            problems += secret_problems(item, f"{prefix}[{i}]")
+        return problems
+    if not isinstance(raw, dict):
+        return problems
     for key, value in raw.items():
-        path = f"{prefix}.{key}" if prefix else key
-        if isinstance(value, dict):
-            if path not in ("trainer.params",):
-                problems += _secret_problems(value, path)
-        elif _SECRET_KEYS.search(key) and path not in ("trainer.env",):
-            problems.append(
-                f"{path}: secrets do not belong in run.toml; put credentials in the environment "
-                "(AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY), a shared credentials file with "
-                "[storage] profile, or the platform's secret store"
-            )
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if _SECRET_NAME.search(str(key)) and not _LOCATION_NAME.search(str(key)):
+            problems.append(f"{path}: secrets do not belong in run.toml; {_secret_hint(path, str(key))}")
+        else:
+            problems += secret_problems(value, path)
     return problems
 
 
@@ -283,22 +309,16 @@ def _format_error(err: dict[str, Any]) -> str:
     if kind == "missing":
         return f"{where}: required key is missing"
     msg = err["msg"].removeprefix("Value error, ")
-    if kind.endswith("_type") or kind.endswith("_parsing"):
+    if msg.startswith((f"{where}: ", f"{where}.")):  # the message names its key already (StorageSettings)
+        return msg
+    if kind.endswith("_type") or kind.endswith("_parsing") or kind == "finite_number":
         msg = f"{msg} (got {err.get('input')!r})"
     return f"{where}: {msg}"
 
 
 def parse_config(raw: dict[str, Any], base_dir: Path, path: Path) -> RunConfig:
     """Validate a parsed run.toml table; ConfigError lists every problem, one line each."""
-    problems = _secret_problems(raw)
-    env = raw.get("trainer", {}).get("env", {}) if isinstance(raw.get("trainer"), dict) else {}
-    if isinstance(env, dict):
-        for key in env:
-            if re.search(r"SECRET|PASSWORD|TOKEN", key, re.IGNORECASE):
-                problems.append(
-                    f"trainer.env.{key}: secrets do not belong in run.toml; export {key} in the "
-                    "supervisor's environment instead (attempts inherit it)"
-                )
+    problems = secret_problems(raw)
     try:
         cfg = RunConfig.model_validate({**raw, "base_dir": base_dir})
     except ValidationError as exc:
@@ -314,17 +334,37 @@ def parse_config(raw: dict[str, Any], base_dir: Path, path: Path) -> RunConfig:
     return cfg
 
 
-def load_config(path: str | Path) -> RunConfig:
-    """Read and validate run.toml at `path`."""
-    path = Path(path)
+def _read_text(path: Path) -> str:
+    """The text of run.toml, or ConfigError with one line saying why it cannot be had."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with open(path, "rb") as f:
+            data = f.read(MAX_CONFIG_BYTES + 1)
     except FileNotFoundError:
         raise ConfigError(path, ["file not found; pass the path of a run.toml"]) from None
+    except IsADirectoryError:
+        raise ConfigError(path, ["is a directory; pass the path of the run.toml file"]) from None
+    except PermissionError as exc:
+        raise ConfigError(path, [f"cannot read it ({exc.strerror}); make it readable or run as its owner"]) from None
     except OSError as exc:
-        raise ConfigError(path, [f"cannot read it ({exc.strerror})"]) from None
+        raise ConfigError(path, [f"cannot read it ({exc.strerror or exc}); pass the path of a run.toml"]) from None
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(path, ["larger than 1 MiB, so not a run.toml; pass the path of a run.toml"])
+    if b"\0" in data:
+        raise ConfigError(path, ["not UTF-8 text: it holds NUL bytes (a binary file?); pass the path of a run.toml"])
+    try:
+        return data.decode("utf-8-sig")  # -sig: a byte-order mark from a Windows editor is harmless
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, [f"not UTF-8 text: byte 0x{data[exc.start]:02x} at offset {exc.start} is not "
+                                 "UTF-8; save run.toml as UTF-8 text"]) from None  # fmt: skip
+
+
+def load_config(path: str | Path) -> RunConfig:
+    """Read and validate run.toml at `path`; ConfigError (one line per problem) if it cannot be used."""
+    path = Path(path)
+    text = _read_text(path)
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(path, [f"not valid TOML: {exc}"]) from None
+        reason = " ".join(str(exc).split())  # one line, whatever the parser's message holds
+        raise ConfigError(path, [f"not valid TOML: {reason}"]) from None
     return parse_config(raw, path.resolve().parent, path)

@@ -14,8 +14,11 @@
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 LEDGER_NAME = "ledger.jsonl"
 
@@ -62,3 +65,24 @@ class RunLayout:
 
     def attempt_events(self, attempt: int) -> Path:
         return self.attempts / f"attempt-{attempt:04d}.events.jsonl"
+
+
+def holder_info(run_dir: Path) -> dict[str, Any]:
+    """What supervisor.json says about the supervisor holding the run dir ({} when unknown)."""
+    try:
+        info = json.loads(RunLayout(run_dir).holder.read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def describe_holder(run_dir: Path) -> str:
+    """The holder in words, for a refusal message."""
+    h = holder_info(run_dir)
+    if not h:
+        return "another supervisor"
+    try:
+        age = f" (running for {time.time() - float(h.get('started', time.time())):.0f}s)"
+    except (TypeError, ValueError):
+        age = ""
+    return f"pid {h.get('pid')} on host {h.get('host')}{age}"

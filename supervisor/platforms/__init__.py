@@ -1,6 +1,6 @@
 """Where the supervisor runs: detection and the session clock (Kaggle and Colab end sessions at 12 h).
 
-Facts and sources: ../shared/reference/platforms.md sections 1 and 2.
+Facts and sources: docs/platforms.md ("Kaggle", "Colab").
 """
 
 from __future__ import annotations
@@ -28,20 +28,37 @@ class Platform:
         return self.session_start + self.session_limit_s - stop_margin_s
 
 
-def detect(kind: str = "auto", session_limit_s: float | None = None, env: dict[str, str] | None = None) -> Platform:
-    """The platform we run on; an explicit session_limit_s overrides the platform's default."""
+KAGGLE_WORKING = "/kaggle/working"
+
+
+def detect(
+    kind: str = "auto",
+    session_limit_s: float | None = None,
+    env: dict[str, str] | None = None,
+    kaggle_dir: str | Path = KAGGLE_WORKING,
+) -> Platform:
+    """The platform we run on; an explicit session_limit_s overrides the platform's default.
+
+    Kaggle: KAGGLE_KERNEL_RUN_TYPE in `env`, or `kaggle_dir` (a parameter for tests) is a directory;
+    its session starts with the container. Colab: COLAB_RELEASE_TAG or COLAB_GPU; starts at boot.
+    """
     env = dict(os.environ if env is None else env)
     now = time.time()
     if kind == "kaggle" or (kind == "auto" and "KAGGLE_KERNEL_RUN_TYPE" in env):
-        # Notebooks run in a container started with the session: PID 1's birth is the session start.
-        try:
-            start = psutil.Process(1).create_time()
-        except psutil.Error:
-            start = now
-        return Platform("kaggle", session_limit_s or TWELVE_HOURS, start)
+        return _kaggle(session_limit_s, now)
     if kind == "colab" or (kind == "auto" and ("COLAB_RELEASE_TAG" in env or "COLAB_GPU" in env)):
         # A Colab VM lives at most ~12 h; its boot is the best available session start.
         return Platform("colab", session_limit_s or TWELVE_HOURS, psutil.boot_time())
-    if kind == "auto" and Path("/kaggle/working").is_dir():
-        return Platform("kaggle", session_limit_s or TWELVE_HOURS, now)
+    if kind == "auto" and Path(kaggle_dir).is_dir():
+        return _kaggle(session_limit_s, now)
     return Platform("generic", session_limit_s, now)
+
+
+def _kaggle(session_limit_s: float | None, now: float) -> Platform:
+    # Notebooks run in a container started with the session: PID 1's birth is the session start, the
+    # same for every `start` in that session (now would restart the 12 h clock each time).
+    try:
+        start = psutil.Process(1).create_time()
+    except psutil.Error:
+        start = now
+    return Platform("kaggle", session_limit_s or TWELVE_HOURS, start)

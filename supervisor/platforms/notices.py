@@ -1,7 +1,7 @@
 """Spot/preemptible interruption notices from the cloud's metadata service, polled in the background.
 
 AWS (IMDSv2 `spot/instance-action`, ~2 min notice), GCP (`instance/preempted` = TRUE, 30 s) and
-Azure (Scheduled Events `Preempt`, >= 30 s); see ../shared/reference/platforms.md section 3.
+Azure (Scheduled Events `Preempt`, >= 30 s); facts and sources: docs/platforms.md ("Spot notices").
 The watchdog only reads `notice()`; the poller never blocks it.
 """
 

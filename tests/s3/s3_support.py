@@ -244,11 +244,10 @@ class Remote:
 
     def store(self, run: str, run_dir: Path | None = None, **overrides):
         """A RemoteStore for `run` (not opened), closed at the end of the test."""
-        import dataclasses
-
         from supervisor.store.factory import open_store
 
-        settings = dataclasses.replace(self.settings, **overrides) if overrides else self.settings
+        # A new validated StorageSettings (model_copy would skip validation).
+        settings = type(self.settings)(**{**self.settings.model_dump(), **overrides}) if overrides else self.settings
         store = open_store(settings, run, run_dir)
         self.stores.append(store)
         return store
