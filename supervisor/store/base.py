@@ -5,15 +5,20 @@ The watchdog calls these at fixed points of a run:
   open()                  once, before anything is written (checks access, takes the run's lease)
   restore()               once, when the local run dir has no ledger: pull the remote one
   resume_uploads()        once, with the verified checkpoints: upload what an earlier session could not
+  resume_removals()       once, right after: remove remotely what retention removed in an earlier session
   ensure_local()          before an attempt resumes from a checkpoint the local disk may lack
-  checkpoint_verified()   each time a checkpoint is verified; must not block training
-  ledger_changed()        after every ledger append; must not block
+  checkpoint_verified()   each time a checkpoint is verified
+  ledger_changed()        after every ledger append
   remove_checkpoint()     retention decided the checkpoint can go
   lost_lease()            polled by the watchdog; True means stop writing at once (fencing)
-  writable()              asked before every ledger write (fencing after a freeze or partition)
+  writable()              asked before a ledger write (fencing after a freeze or partition)
   permanent_error()       polled by the watchdog; a reason means pause the run with it
   drain()                 on pause and completion: wait for pending work within a budget
   close()                 release the lease, stop background threads
+
+checkpoint_verified, ledger_changed, remove_checkpoint, resume_uploads, resume_removals, lost_lease
+and permanent_error run on the watchdog's thread: they return at once and never wait on the network;
+the work they start happens in the background. writable(wait_s) waits at most wait_s, never on I/O.
 """
 
 from __future__ import annotations
@@ -70,6 +75,10 @@ class Store(ABC):
 
     def resume_uploads(self, records: list[CheckpointRecord], run_dir: Path) -> None:
         """At start: make durable any verified checkpoint an earlier session could not upload."""
+
+    def resume_removals(self, removed: list[tuple[int, str]], run_dir: Path) -> None:
+        """At start: `removed` holds the (epoch, sha256) of every checkpoint the ledger says retention
+        removed; delete any of them an earlier session left in the store (in the background)."""
 
     def permanent_error(self) -> str | None:
         """A one-line reason background work stopped for good (bad credentials...), else None."""

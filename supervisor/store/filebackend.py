@@ -224,9 +224,11 @@ class FileBackend(ObjectBackend):
 
     def list(self, prefix: str) -> list[ObjectInfo]:
         def walk() -> list[ObjectInfo]:
-            out = []
-            if not self.root.is_dir():
-                return out
+            out: list[ObjectInfo] = []
+            if not self.root.exists():
+                return out  # nothing stored yet
+            if not self.root.is_dir():  # e.g. a mount point gone bad: an outage, not an empty store
+                raise NotADirectoryError(errno.ENOTDIR, "not a folder", str(self.root))
             for dirpath, dirnames, filenames in os.walk(self.root):
                 dirnames[:] = [d for d in dirnames if not d.startswith(".")]
                 rel = Path(dirpath).relative_to(self.root)

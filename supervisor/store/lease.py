@@ -7,6 +7,9 @@ take over: a lease not renewed for its ttl (by its holder's clock), a released o
            IfMatch on the etag just read, so of two contenders exactly one wins
 fencing:   a renewal refused because another holder wrote the lease makes `lost` True at once;
            `held()` is False from then on, and also while renewals have failed for most of the ttl
+vanished:  a renewal that finds no lease object creates it again (IfNoneMatch="*"): still ours if
+           that works, lost if another supervisor created it first, or if we were out of touch
+           for most of the ttl (someone may have driven the run meanwhile)
 release:   overwrite with a released marker (IfMatch), so the next start takes it at once
 """
 
@@ -24,7 +27,7 @@ from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from supervisor.store.backend import ObjectBackend, PreconditionFailed
+from supervisor.store.backend import ObjectBackend, PreconditionFailed, TransientStoreError
 from supervisor.store.base import LeaseHeld, StoreError
 
 log = logging.getLogger(__name__)
@@ -204,34 +207,94 @@ class Lease:
     def _renew_loop(self) -> None:
         interval = self.ttl_s / 3
         while not self._stop.wait(interval):
-            if not self.renew():
-                return
+            try:
+                if not self.renew():
+                    return
+            except Exception:  # a bug must not end renewals silently: held() would fence us for good
+                log.exception("renewing the lease of run %s failed unexpectedly; trying again", self.run)
 
     def renew(self) -> bool:
-        """Renew once; False when the lease is lost (renewals end). Transient faults are logged."""
+        """Renew once; False when the lease is lost (renewals end). Transient faults are logged.
+
+        A lease object that vanished (deleted by hand or by a lifecycle rule) is created again if
+        absent: that keeps it ours; if another supervisor created it first, the lease is lost.
+        """
         started = time.monotonic()
         with self._lock:
             etag = self._etag
+        refused: StoreError | None = None
         try:
             self._mark_renewed(self.backend.put_bytes(LEASE_KEY, self._document(), if_match=etag), started)
             return True
         except PreconditionFailed:
             pass
-        except StoreError as exc:
+        except TransientStoreError as exc:
             log.warning("could not renew the lease of run %s: %s; trying again", self.run, exc)
             return True
+        except StoreError as exc:
+            refused = exc  # some servers answer IfMatch on a missing object with 404: look first
         try:
             current = self.backend.get_bytes(LEASE_KEY)
         except StoreError as exc:
             log.warning("could not read the lease of run %s: %s; trying again", self.run, exc)
             return True
-        info = LeaseInfo.parse(current[0]) if current else None
-        if current is not None and info is not None and info.holder == self.holder:
+        if current is None:
+            if self.held():
+                return self._recreate(started)
+            # Out of touch for most of the ttl: another supervisor may have taken over meanwhile and
+            # its lease object vanished too, so creating ours again could undo its work.
+            self._lost.set()
+            log.error(
+                "lost the lease of run %s: its lease object vanished while this supervisor could not renew it; "
+                "another one may have driven the run meanwhile, so this one stops writing",
+                self.run,
+            )
+            return False
+        if refused is not None:
+            log.warning("could not renew the lease of run %s: %s; trying again", self.run, refused)
+            return True
+        info = LeaseInfo.parse(current[0])
+        if info is not None and info.holder == self.holder:
             self._mark_renewed(current[1], started)  # our previous renewal landed, its answer did not
             return True
         self._lost.set()
-        who = _who(info) if info else "nobody (the lease object was removed)"
+        who = _who(info) if info else "a writer whose lease object is unreadable"
         log.error("lost the lease of run %s: now held by %s; this supervisor stops writing", self.run, who)
+        return False
+
+    def _recreate(self, started: float) -> bool:
+        """The lease object is gone: create it again only if still absent; False if another won."""
+        try:
+            etag: str | None = self.backend.put_bytes(LEASE_KEY, self._document(), if_none_match=True)
+        except PreconditionFailed:
+            etag = None
+        except StoreError as exc:
+            log.warning("the lease object of run %s vanished; re-creating it failed: %s", self.run, exc)
+            return True
+        info = None
+        if etag is None:
+            try:
+                current = self.backend.get_bytes(LEASE_KEY)
+            except StoreError as exc:  # undecided: the next renewal looks again
+                log.warning("could not read the lease of run %s: %s; trying again", self.run, exc)
+                return True
+            if current is None:
+                return True  # gone again: the next renewal creates it
+            info = LeaseInfo.parse(current[0])
+            if info is not None and info.holder == self.holder:
+                etag = current[1]  # an earlier try of our own create landed, its answer did not
+        if etag is not None:
+            self._mark_renewed(etag, started)
+            log.warning("the lease object of run %s vanished from %s; re-created it", self.run, self.backend.describe())
+            return True
+        self._lost.set()
+        who = _who(info) if info else "another supervisor"
+        log.error(
+            "lost the lease of run %s: its lease object vanished and %s created a new one first; "
+            "this supervisor stops writing",
+            self.run,
+            who,
+        )
         return False
 
     def stop(self, release: bool = True) -> None:

@@ -10,23 +10,28 @@ Commit point last: a manifest is written only after its object is complete and t
 its checksum. A checkpoint without a manifest does not exist remotely. Re-uploading an epoch with
 other bytes first removes the old manifest. All writes happen on background threads and only
 while the lease is held; once it is lost they stop for good (fencing).
+
+Retention never empties the store: uploads always run before removals, and a removal of epoch E
+runs only while the store holds a committed manifest of a newer epoch, looked up at that moment.
+Until then it waits in the queue (and, if the run pauses first, the next start queues it again
+through resume_removals). The queueing methods (base.py lists them) never wait on the network;
+the threads and their rules are in jobs.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-import random
-import threading
+import re
 import time
-from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
 from supervisor.durable import atomic_write, sha256_file
 from supervisor.layout import LEDGER_NAME
-from supervisor.store.backend import LocalFileChanged, ObjectBackend, TransientStoreError
-from supervisor.store.base import CheckpointRecord, Store, StoreError
+from supervisor.store.backend import ObjectBackend
+from supervisor.store.base import CheckpointRecord, Store
+from supervisor.store.jobs import Actions, Background, Job
 from supervisor.store.lease import LEASE_KEY, Lease
 from supervisor.store.progress import ProgressLog, human_bytes
 
@@ -35,6 +40,7 @@ log = logging.getLogger(__name__)
 LEDGER_KEY = "ledger.jsonl"
 MANIFEST_DIR = "manifest"
 _RESERVED = (LEDGER_KEY, LEASE_KEY)
+_MANIFEST_RE = re.compile(rf"^{MANIFEST_DIR}/epoch-(\d+)\.json$")
 
 
 def manifest_key(epoch: int) -> str:
@@ -48,17 +54,6 @@ def _object_key(record: CheckpointRecord) -> str:
     return path.as_posix()
 
 
-@dataclass(frozen=True)
-class _Job:
-    kind: str  # "upload" or "remove"
-    record: CheckpointRecord
-    run_dir: Path
-
-    def describe(self) -> str:
-        what = "upload" if self.kind == "upload" else "removal"
-        return f"{what} of checkpoint epoch {self.record.epoch} ({self.record.path}, {human_bytes(self.record.size)})"
-
-
 class RemoteStore(Store):
     """A Store over an ObjectBackend; see the module docstring for layout and protocol."""
 
@@ -66,15 +61,8 @@ class RemoteStore(Store):
         self.backend = backend
         self.run = run
         self.lease = Lease(backend, run, lease_ttl_s, run_dir)
-        self._cond = threading.Condition()
-        self._jobs: deque[_Job] = deque()
-        self._active: _Job | None = None
-        self._ledger_path: Path | None = None
-        self._ledger_dirty = False
-        self._ledger_active = False
-        self._error: str | None = None
-        self._stopping = False
-        self._threads: list[threading.Thread] = []
+        actions = Actions(self._upload, self._remove, self._newest_committed, self._match_resumed, self._mirror)
+        self._work = Background(run, backend.describe(), self.lease, actions)
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -86,27 +74,20 @@ class RemoteStore(Store):
         self.backend.check()
         self.lease.acquire()
         self.lease.start()
-        for name, target in (("uploader", self._upload_loop), ("ledger", self._ledger_loop)):
-            thread = threading.Thread(target=target, name=f"store-{name}-{self.run}", daemon=True)
-            thread.start()
-            self._threads.append(thread)
+        self._work.start()
         log.info("checkpoints of run %s go to %s", self.run, self.describe())
 
     def close(self) -> None:
         """Stop the threads (an upload in flight is abandoned; drain() first) and release the lease."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        for thread in self._threads:
-            thread.join(timeout=2)
+        stuck = self._work.stop()
         # An upload still in flight could land after a successor took the lease: then let it expire.
-        stuck = any(thread.is_alive() for thread in self._threads)
         if stuck:
             log.warning("a transfer is still running; the lease of run %s is left to expire", self.run)
         self.lease.stop(release=not stuck)
         self.backend.close()
 
     def lost_lease(self) -> bool:
+        """True once another supervisor took the run over; reads a flag, never waits."""
         return self.lease.lost
 
     def writable(self, wait_s: float) -> bool:
@@ -122,7 +103,7 @@ class RemoteStore(Store):
 
     def permanent_error(self) -> str | None:
         """The one-line reason background work stopped for good (bad credentials...), else None."""
-        return self._error
+        return self._work.error
 
     # -- resume -------------------------------------------------------------------------------
 
@@ -154,8 +135,10 @@ class RemoteStore(Store):
 
         False when the store has no committed copy with this sha256, or the copy is corrupt (then
         nothing is left under run_dir). Raises StoreError when the store itself cannot be reached.
+        Temp files a killed download left beside it are removed first: downloads start from zero.
         """
         local = run_dir / record.path
+        _remove_stale_downloads(local)
         if _is_whole(local, record):
             return True
         found = self.backend.get_bytes(manifest_key(record.epoch))
@@ -189,11 +172,11 @@ class RemoteStore(Store):
         )
         return True
 
-    # -- background work ----------------------------------------------------------------------
+    # -- the caller's side: queue and return, never wait on the network ------------------------
 
     def checkpoint_verified(self, record: CheckpointRecord, run_dir: Path) -> None:
         """Queue the upload; returns at once."""
-        self._enqueue(_Job("upload", record, run_dir))
+        self._work.add_upload(record, run_dir)
 
     def resume_uploads(self, records: list[CheckpointRecord], run_dir: Path) -> None:
         """Queue uploads of verified local checkpoints the store may lack (e.g. after a pause).
@@ -202,112 +185,42 @@ class RemoteStore(Store):
         """
         for record in records:
             if (run_dir / record.path).exists():
-                self._enqueue(_Job("upload", record, run_dir))
+                self._work.add_upload(record, run_dir)
         if (run_dir / LEDGER_NAME).exists():
             self.ledger_changed(run_dir / LEDGER_NAME)
 
+    def resume_removals(self, removed: list[tuple[int, str]], run_dir: Path) -> None:
+        """Queue removals an earlier session could not finish; returns at once.
+
+        In the background, every committed manifest whose (epoch, sha256) is in `removed` gets a
+        removal job, subject to the rule of every removal (a newer commit must exist).
+        """
+        self._work.resume_removals(removed, run_dir)
+
     def remove_checkpoint(self, record: CheckpointRecord, run_dir: Path) -> None:
-        """Delete the local file now; the manifest and then the object go in the background."""
-        (run_dir / record.path).unlink(missing_ok=True)
-        with self._cond:
-            self._jobs = deque(j for j in self._jobs if j.record != record)
-        self._enqueue(_Job("remove", record, run_dir))
+        """Delete the local file now; the manifest and then the object go in the background, once a
+        newer checkpoint is committed remotely."""
+        try:
+            (run_dir / record.path).unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("cannot delete %s: %s", run_dir / record.path, exc)
+        self._work.add_removal(record, run_dir)
 
     def ledger_changed(self, ledger_path: Path) -> None:
-        with self._cond:
-            self._ledger_path = ledger_path
-            self._ledger_dirty = True
-            self._cond.notify_all()
+        """Mirror the ledger in the background; changes in quick succession are written once."""
+        self._work.ledger_changed(ledger_path)
 
     def drain(self, timeout_s: float) -> list[str]:
-        """Wait up to timeout_s for queued uploads, removals and the ledger mirror; list what is left."""
-        deadline = time.monotonic() + timeout_s
-        with self._cond:
-            while self._busy() and not self.lease.lost and self._error is None:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    break
-                self._cond.wait(min(left, 0.5))
-            return self._pending()
+        """Wait up to timeout_s for queued uploads, removals and the ledger mirror; list what is left.
 
-    def _enqueue(self, job: _Job) -> None:
-        with self._cond:
-            if job not in self._jobs:
-                self._jobs.append(job)
-            self._cond.notify_all()
+        Removals that wait for a newer committed checkpoint are not waited for; they are listed.
+        """
+        return self._work.drain(timeout_s)
 
-    def _busy(self) -> bool:
-        return bool(self._jobs or self._active or self._ledger_dirty or self._ledger_active)
+    # -- the remote operations, run on the background threads (jobs.py) ------------------------
 
-    def _pending(self) -> list[str]:
-        reason = "lease lost" if self.lease.lost else self._error or "not finished"
-        jobs = ([self._active] if self._active else []) + list(self._jobs)
-        out = [f"{job.describe()}: {reason}" for job in jobs]
-        if self._ledger_dirty or self._ledger_active:
-            out.append(f"mirror of the ledger: {reason}")
-        return out
-
-    def _wait_writable(self) -> bool:
-        """Block until the lease allows writing; False when we must stop (closing, lost, failed)."""
-        with self._cond:
-            while not self._stopping and self._error is None and not self.lease.lost:
-                if self.lease.held():
-                    return True
-                self._cond.wait(0.2)
-        return False
-
-    def _fail(self, exc: StoreError) -> None:
-        with self._cond:
-            if self._error is None:
-                self._error = str(exc)
-                log.error("store %s: %s; uploads stop, the run should pause", self.describe(), exc)
-            self._cond.notify_all()
-
-    def _backoff(self, failures: int) -> None:
-        delay = random.uniform(0, min(30.0, 0.5 * 2**failures))
-        with self._cond:
-            self._cond.wait_for(lambda: self._stopping, timeout=delay)
-
-    def _upload_loop(self) -> None:
-        failures = 0
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._stopping or bool(self._jobs))
-                if self._stopping:
-                    return
-            if not self._wait_writable():
-                return
-            with self._cond:
-                if not self._jobs:
-                    continue
-                job = self._active = self._jobs.popleft()
-            retry = False
-            try:
-                if job.kind == "upload":
-                    self._upload(job)
-                else:
-                    self._remove(job)
-                failures = 0
-            except LocalFileChanged as exc:
-                log.warning("not uploading checkpoint epoch %d: %s", job.record.epoch, exc)
-            except TransientStoreError as exc:
-                failures += 1
-                retry = True
-                log.warning("%s failed (%s); will retry", job.describe(), exc)
-            except StoreError as exc:
-                retry = True
-                self._fail(exc)
-            except Exception:  # a bug must not kill the uploader silently
-                log.exception("%s failed unexpectedly", job.describe())
-            with self._cond:
-                if retry:
-                    self._jobs.appendleft(job)
-                self._active = None
-                self._cond.notify_all()
-            if retry:
-                self._backoff(failures)
-
-    def _upload(self, job: _Job) -> None:
+    def _upload(self, job: Job) -> None:
+        """Upload and commit `job.record` unless it is committed already; writes are fenced."""
         record, mkey = job.record, manifest_key(job.record.epoch)
         found = self.backend.get_bytes(mkey)
         committed = _parse_manifest(found[0]) if found else None
@@ -320,15 +233,14 @@ class RemoteStore(Store):
         if not local.exists():
             log.warning("not uploading checkpoint epoch %d: %s is gone", record.epoch, local)
             return
-        if committed is not None and self._wait_writable():
+        if committed is not None:
+            self._work.fence()
             self.backend.delete(mkey)  # uncommit before the object under it changes
-        if not self._wait_writable():
-            return self._requeue(job)
+        self._work.fence()
         started = time.monotonic()
         progress = ProgressLog(f"upload of {record.path}", record.size)
         self.backend.put_file(_object_key(record), local, record.sha256, progress)
-        if not self._wait_writable():
-            return self._requeue(job)
+        self._work.fence()
         self.backend.put_bytes(mkey, _dump_manifest(record))
         elapsed = time.monotonic() - started
         log.info(
@@ -340,12 +252,8 @@ class RemoteStore(Store):
             human_bytes(record.size / max(elapsed, 1e-6)),
         )
 
-    def _requeue(self, job: _Job) -> None:
-        with self._cond:
-            if not self.lease.lost:
-                self._jobs.appendleft(job)
-
-    def _remove(self, job: _Job) -> None:
+    def _remove(self, job: Job) -> None:
+        """Uncommit, then delete `job.record`, unless the store holds another version of its epoch."""
         record, mkey = job.record, manifest_key(job.record.epoch)
         found = self.backend.get_bytes(mkey)
         committed = _parse_manifest(found[0]) if found else None
@@ -353,41 +261,40 @@ class RemoteStore(Store):
             log.info("remote checkpoint epoch %d is another version; left in place", record.epoch)
             return
         if committed is not None:
+            self._work.fence()
             self.backend.delete(mkey)
-        if self._wait_writable():
-            self.backend.delete(_object_key(record))
-            log.info("removed checkpoint epoch %d from %s", record.epoch, self.describe())
+        self._work.fence()
+        self.backend.delete(_object_key(record))
+        log.info("removed checkpoint epoch %d from %s", record.epoch, self.describe())
 
-    def _ledger_loop(self) -> None:
-        failures = 0
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._stopping or self._ledger_dirty)
-                if self._stopping:
-                    return
-            if not self._wait_writable():
-                return
-            with self._cond:
-                path, self._ledger_dirty, self._ledger_active = self._ledger_path, False, True
-            ok = True
-            try:
-                if path is not None and self._wait_writable():
-                    self.backend.put_bytes(LEDGER_KEY, path.read_bytes())
-                failures = 0
-            except TransientStoreError as exc:
-                ok, failures = False, failures + 1
-                log.warning("mirroring the ledger failed (%s); will retry", exc)
-            except StoreError as exc:
-                ok = False
-                self._fail(exc)
-            except OSError as exc:
-                log.warning("cannot read the ledger %s to mirror it: %s", path, exc)
-            with self._cond:
-                self._ledger_active = False
-                self._ledger_dirty = self._ledger_dirty or not ok
-                self._cond.notify_all()
-            if not ok:
-                self._backoff(failures)
+    def _newest_committed(self) -> int:
+        """The newest epoch with a readable manifest in the store, looked up now; -1 when none."""
+        listed = [(int(m.group(1)), info.key) for info in self.backend.list(MANIFEST_DIR + "/")
+                  if (m := _MANIFEST_RE.match(info.key))]  # fmt: skip
+        for epoch, key in sorted(listed, reverse=True):
+            found = self.backend.get_bytes(key)
+            record = _parse_manifest(found[0]) if found else None
+            if record is not None and record.epoch == epoch:
+                return epoch
+        return -1
+
+    def _match_resumed(self, removed: list[tuple[int, str]], run_dir: Path) -> list[Job]:
+        """Removal jobs for the committed checkpoints whose (epoch, sha256) is in `removed`."""
+        wanted = set(removed)
+        return [Job("remove", r, run_dir) for r in self.remote_checkpoints() if (r.epoch, r.sha256) in wanted]
+
+    def _mirror(self, data: bytes) -> None:
+        self.backend.put_bytes(LEDGER_KEY, data)
+
+
+def _remove_stale_downloads(local: Path) -> None:
+    """Delete temp files of earlier downloads of `local` (ours, the backends' and s3transfer's)."""
+    prefixes = (f".{local.name}.download", f"..{local.name}.download")
+    with contextlib.suppress(OSError):
+        for entry in local.parent.iterdir():
+            if entry.name.startswith(prefixes) and entry.is_file():
+                log.info("removing %s, left by an interrupted download", entry)
+                entry.unlink(missing_ok=True)
 
 
 def _is_whole(path: Path, record: CheckpointRecord) -> bool:

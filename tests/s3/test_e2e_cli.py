@@ -91,7 +91,8 @@ def test_second_machine_is_refused_while_the_first_drives_the_run(weed, tmp_path
 
 def test_pause_drains_uploads_and_another_machine_continues(weed, tmp_path):
     prefix = uuid.uuid4().hex[:10]
-    a = machine(tmp_path, "a", weed, prefix, epochs=6, params={"step_s": 0.1, "ckpt_bytes": 20_000_000})
+    # 12 epochs of 0.6 s: the stop (a new process) lands long before the run could complete by itself.
+    a = machine(tmp_path, "a", weed, prefix, epochs=12, params={"step_s": 0.2, "ckpt_bytes": 20_000_000})
     a_dir = a.parent / "runs" / "run"
     proc = start_bg(a)
     wait_for(lambda: any(f["fact"] == "checkpoint" and f["epoch"] >= 2 for f in ledger(a_dir)), timeout=60,
@@ -104,7 +105,7 @@ def test_pause_drains_uploads_and_another_machine_continues(weed, tmp_path):
     assert ended["status"] == "paused" and ended["not_uploaded"] == []
     assert set(verified) <= set(committed_epochs(weed, prefix))  # everything verified made it up
 
-    c = machine(tmp_path, "c", weed, prefix, epochs=6, params={"step_s": 0.01, "ckpt_bytes": 20_000_000})
+    c = machine(tmp_path, "c", weed, prefix, epochs=12, params={"step_s": 0.01, "ckpt_bytes": 20_000_000})
     out = cli("start", str(c), timeout=180)
     assert out.returncode == 0, out.stderr
     rows = report(c)["restarts"]
