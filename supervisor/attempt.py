@@ -1,6 +1,8 @@
-"""One trainer attempt: launch it under the shim, watch every signal source, end it, name the fault.
+"""One trainer attempt: launch it under the shim, observe every signal source, end it, name the fault.
 
-Lifecycle (each transition is logged; the watchdog writes the ledger lines):
+The attempt observes and returns what it saw (`poll() -> Observed`); the watchdog owns the loop,
+records what the attempt observed and decides when to ask it to stop. Lifecycle (each transition
+is logged; the watchdog writes the ledger lines):
     launching -> running -> stopping -> ended
 """
 
@@ -14,17 +16,16 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 
 from supervisor import protocol as P
+from supervisor.checkpoints import Announced, EventRules, Observed, expected_path, resolve_pattern
 from supervisor.config import RunConfig
-from supervisor.faults import Fault, classify_exit, classify_line, describe_exit
+from supervisor.faults import Fault, classify_exit, classify_line, describe_exit, grace_s
 from supervisor.layout import RunLayout
-from supervisor.monitors.disk import free_bytes
 from supervisor.monitors.events import EventTail
 from supervisor.monitors.files import CheckpointScanner
 from supervisor.monitors.memory import OomKillWatch, memory_budget, tree_memory
@@ -68,17 +69,6 @@ class AttemptResult:
     detected_at: float | None = None  # unix time the watchdog named the fault
 
 
-@dataclass
-class Hooks:
-    """What the attempt reports back while it runs (the watchdog records it)."""
-
-    on_checkpoint: Callable[[int, Path, dict], None]
-    on_metrics: Callable[[int, dict], None]
-    stop_reason: Callable[[], Fault | None]  # a pause asked for from outside (signal, stop file, clock)
-    on_disk_low: Callable[[], bool]  # prune; True if space is now enough
-    tick: Callable[[], None]  # called once per watch-loop iteration
-
-
 def build_argv(cfg: RunConfig, values: dict[str, str]) -> list[str]:
     """The trainer command with placeholders filled; a leading `python` runs under our interpreter."""
     argv = [re.sub(r"\{(\w+)\}", lambda m: values.get(m.group(1), m.group(0)), a) for a in cfg.trainer.command]
@@ -88,17 +78,15 @@ def build_argv(cfg: RunConfig, values: dict[str, str]) -> list[str]:
 
 
 class Attempt:
-    """Runs one attempt to its end and returns an AttemptResult; never raises for trainer faults."""
+    """One attempt from launch to its end; never raises for trainer faults (it names them)."""
 
-    def __init__(self, cfg: RunConfig, run_dir: Path, spec: AttemptSpec, hooks: Hooks, echo: bool = True):
+    def __init__(self, cfg: RunConfig, run_dir: Path, spec: AttemptSpec, echo: bool = True):
         self.cfg = cfg
         self.run_dir = run_dir
         self.spec = spec
-        self.hooks = hooks
         self.echo = echo
         self.state = "launching"
         layout = RunLayout(run_dir)
-        layout.attempts.mkdir(parents=True, exist_ok=True)
         self.events_path = layout.attempt_events(spec.attempt)
         self.log_path = layout.attempt_log(spec.attempt)
         self.checkpoint_dir = layout.checkpoints
@@ -107,12 +95,13 @@ class Attempt:
         self.fault: Fault | None = None
         self.detail = ""
         self.detected_wall: float | None = None
-        self.epoch = spec.start_epoch
-        self.steps = 0
-        self.recorded: set[int] = set()
+        self.rules = event_rules(cfg, run_dir, spec.start_epoch)
         self._previous_line: dict[str, str] = {}  # per stream, to skip the code a traceback quotes
         self.kill_at: float | None = None
         self._scanner: CheckpointScanner | None = None
+        self._tail = EventTail(self.events_path)
+        self._warned_no_loss = False
+        self._next_scan = 0.0
 
     # -- state ------------------------------------------------------------------------------
 
@@ -122,7 +111,17 @@ class Attempt:
         log.debug("attempt %d: %s -> %s (%s)", self.spec.attempt, self.state, state, why)
         self.state = state
 
-    def _set_fault(self, fault: Fault, detail: str) -> None:
+    @property
+    def epoch(self) -> int:
+        return self.rules.epoch
+
+    @property
+    def accepting(self) -> bool:
+        """Whether what the trainer reports still counts: not after a trainer-caused fault (a pause is none)."""
+        return self.fault is None or self.fault.external
+
+    def set_fault(self, fault: Fault, detail: str) -> None:
+        """Name the fault that ends this attempt (the first one named wins)."""
         if self.fault is None:
             self.fault = fault
             self.detail = detail
@@ -165,6 +164,12 @@ class Attempt:
 
     def launch(self) -> list[str]:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        if self.cfg.trainer.mode == "zero-code":
+            pattern = resolve_pattern(self.cfg.checkpoints.pattern, self.checkpoint_dir, self.run_dir)
+            epochs = range(self.spec.start_epoch, self.cfg.epochs)
+            self._scanner = CheckpointScanner(pattern, self.cfg.checkpoints.settle_s, epochs)
+            self._scanner.baseline()
         argv = build_argv(self.cfg, self.placeholders())
         cwd = self.cfg.base_dir / (self.cfg.trainer.cwd or ".")
         self.pump = OutputPump(self.log_path, self.cfg.watch.tail_lines, echo=self.echo)
@@ -180,6 +185,12 @@ class Attempt:
         )
         self.pump.attach(self.proc.stdout, "stdout")
         self.pump.attach(self.proc.stderr, "stderr")
+        now = time.monotonic()
+        self._last_activity = now
+        self._seen_activity = False
+        self._next_mem = self._next_cg = now
+        self._budget = memory_budget(self.cfg.watch.memory_limit)
+        self._to("running", f"pid {self.proc.pid}")
         return argv
 
     # -- ending -----------------------------------------------------------------------------
@@ -222,147 +233,128 @@ class Attempt:
                 self._signal(signal.SIGTERM)
                 self.kill_at = time.monotonic() + grace_s
 
-    # -- watching ---------------------------------------------------------------------------
+    def enforce(self) -> None:
+        """Act on the named fault: start the stop with the fault's grace period, SIGKILL when it is over."""
+        w = self.cfg.watch
+        if self.fault is not None and self.kill_at is None:
+            self.stop(grace_s(self.fault, w.stop_grace_s, w.cuda_error_grace_s))
+        if self.kill_at is not None and time.monotonic() >= self.kill_at:
+            self.kill_tree()
 
-    def _on_event(self, ev: P.Event) -> None:
-        if self.fault is not None:
-            return  # nothing after a fault counts: its epoch did not end cleanly
-        d = ev.data
-        if ev.epoch is not None and ev.kind in (P.EVENT_STEP, P.EVENT_EVAL):
-            self.epoch = max(self.epoch, ev.epoch)
-        if ev.kind == P.EVENT_STEP:
-            self.steps += 1
-            if not P.is_finite(d.get("loss")):
-                self._set_fault(Fault.NAN, f"training loss {d.get('loss')} at step {d.get('step')}")
-        elif ev.kind == P.EVENT_EVAL:
-            metrics = d.get("metrics") if isinstance(d.get("metrics"), dict) else {}
-            bad = {k: v for k, v in metrics.items() if isinstance(v, (int, float, str)) and not P.is_finite(v)}
-            bad = {k: v for k, v in bad.items() if P.to_number(v) is not None}
-            if bad:
-                self._set_fault(Fault.TEST_NAN, f"eval of epoch {ev.epoch}: {bad}")
-            elif ev.epoch is not None:
-                self.hooks.on_metrics(ev.epoch, {k: P.to_number(v) for k, v in metrics.items()})
-        elif ev.kind == P.EVENT_CHECKPOINT and ev.epoch is not None and isinstance(d.get("path"), str):
-            path = Path(d["path"])
-            if not path.is_absolute():
-                path = (self.cfg.base_dir / (self.cfg.trainer.cwd or ".") / path).resolve()
-            self._record(ev.epoch, path, d)
+    # -- observing --------------------------------------------------------------------------
 
-    def _record(self, epoch: int, path: Path, data: dict) -> None:
-        if epoch in self.recorded:
-            return
-        self.recorded.add(epoch)
-        self.epoch = max(self.epoch, epoch + 1)
-        self.hooks.on_checkpoint(epoch, path, data)
+    def _on_events(self, out: Observed) -> None:
+        for ev in self._tail.poll():
+            self._mark_activity(time.monotonic())
+            seen = self.rules.feed(ev, self.accepting)
+            if seen.fault is not None:
+                self.set_fault(*seen.fault)
+            out.extend(seen)
+        if self.rules.no_loss and not self._warned_no_loss:
+            self._warned_no_loss = True
+            log.warning("attempt %d: step events without a numeric loss: NaN detection cannot work for them",
+                        self.spec.attempt)  # fmt: skip
 
-    def _on_line(self, stream: str, line: str, at: float) -> None:
+    def _on_line(self, stream: str, line: str, out: Observed) -> None:
         previous, self._previous_line[stream] = self._previous_line.get(stream), line
         fault = classify_line(line, previous)
         if fault in (Fault.CUDA_ERROR, Fault.GPU_OOM, Fault.DISK_FULL) and self.fault is None:
             # Sticky CUDA errors poison the process: it may linger or hang. Give it a moment to exit.
-            self._set_fault(fault, line.strip()[:300])
-        if self.cfg.trainer.mode != "zero-code" or self.fault is not None:
+            self.set_fault(fault, line.strip()[:300])
+        if self.cfg.trainer.mode != "zero-code" or not self.accepting:
             return
         w = self.cfg.watch
-        if (m := re.search(w.epoch_regex, line)) and int(m.group("epoch")) > self.epoch:
-            self.epoch = int(m.group("epoch"))
+        m = re.search(w.epoch_regex, line)
+        if m and self.rules.in_range(epoch := int(m.group("epoch"))) and epoch > self.rules.epoch:
+            self.rules.epoch = epoch
             if self._scanner is not None:  # the script moved on: earlier checkpoints are complete
-                for epoch, path in self._scanner.poll(self.recorded, finished_below=self.epoch):
-                    self._record(epoch, path, {})
+                self._found(self._scanner.poll(finished_below=epoch), out)
+        if self.fault is not None:
+            return  # a pause: its grace period is for saving, not for new losses
         if w.nan_regex and re.search(w.nan_regex, line):
-            self._set_fault(Fault.NAN, line.strip()[:300])
+            self.set_fault(Fault.NAN, line.strip()[:300])
         elif m := re.search(w.loss_regex, line, re.IGNORECASE):
-            self.steps += 1
+            self.rules.steps += 1
             value = P.to_number(m.group("loss"))
             if value is None or not math.isfinite(value):
-                self._set_fault(Fault.NAN, line.strip()[:300])
+                self.set_fault(Fault.NAN, line.strip()[:300])
 
-    def run(self) -> AttemptResult:
-        """Watch the attempt until its process tree is gone; return how it ended."""
+    def _found(self, files: list[tuple[int, Path]], out: Observed) -> None:
+        for epoch, path in files:
+            self.rules.epoch = max(self.rules.epoch, epoch + 1)
+            out.checkpoints.append(Announced(epoch, path, {}))
+
+    def _mark_activity(self, at: float) -> None:
+        self._last_activity = max(self._last_activity, at)
+        self._seen_activity = True
+
+    def _check_health(self, now: float) -> None:
+        """Hang and memory guard (the trainer's own state; the watchdog guards the disk)."""
         w = self.cfg.watch
-        tail = self._tail = EventTail(self.events_path)
-        scanner = self._scanner = None
-        if self.cfg.trainer.mode == "zero-code":
-            root = self.cfg.base_dir / (self.cfg.trainer.cwd or ".")
-            pattern = self.cfg.checkpoints.pattern.replace("{checkpoint_dir}", str(self.checkpoint_dir))
-            pattern = pattern.replace("{run_dir}", str(self.run_dir))
-            if Path(pattern).is_absolute():
-                root, pattern = Path("/"), pattern.lstrip("/")
-            scanner = self._scanner = CheckpointScanner(root, pattern, self.cfg.checkpoints.settle_s)
-        budget = memory_budget(w.memory_limit)
-        started = last_activity = time.monotonic()
-        seen_activity = False
-        next_mem = next_disk = next_scan = next_cg = started
-        self._to("running", f"pid {self.proc.pid}")
-        while True:
-            now = time.monotonic()
-            for ev in tail.poll():
-                last_activity, seen_activity = now, True
-                self._on_event(ev)
-            for stream, line, at in self.pump.drain():
-                last_activity, seen_activity = max(last_activity, at), True
-                self._on_line(stream, line, at)
-            if scanner is not None and now >= next_scan and self.fault is None:
-                next_scan = now + 0.5
-                for epoch, path in scanner.poll(self.recorded):
-                    self._record(epoch, path, {})
-            self.hooks.tick()
-            if self.fault is None and (reason := self.hooks.stop_reason()) is not None:
-                self._set_fault(reason, "pause requested")  # before the exit check: our kill may end it
-            if now >= next_cg:
-                next_cg = now + 0.5
-                self.oom.sample_tree(self.proc.pid)
-            rc = self.proc.poll()
-            if rc is not None:
-                break
-            if self.fault is None:
-                limit = w.heartbeat_timeout_s if seen_activity else (w.startup_timeout_s or w.heartbeat_timeout_s)
-                if now - last_activity > limit:
-                    self._set_fault(Fault.HANG, f"no event and no output for {now - last_activity:.0f}s")
-                elif budget is not None and now >= next_mem:
-                    next_mem = now + 0.5
-                    used = tree_memory(self.proc.pid)
-                    if used > budget:
-                        self._set_fault(
-                            Fault.CPU_OOM,
-                            f"trainer tree uses {used / 2**30:.2f} GiB > memory_limit {budget / 2**30:.2f} GiB:"
-                            " stopped before the kernel OOM killer acts",
-                        )
-                if self.fault is None and w.disk_min_free is not None and now >= next_disk:
-                    next_disk = now + 2.0
-                    if free_bytes(self.run_dir) < w.disk_min_free and not self.hooks.on_disk_low():
-                        self._set_fault(Fault.DISK_FULL, f"free space below disk_min_free ({w.disk_min_free} bytes)")
-            if self.fault is not None and self.kill_at is None:
-                if self.fault in (Fault.STOPPED, Fault.TIME_LIMIT, Fault.PREEMPTED):
-                    self.stop(w.stop_grace_s)
-                elif self.fault in (Fault.HANG, Fault.CPU_OOM):
-                    self.stop(0)
-                elif self.fault in (Fault.CUDA_ERROR, Fault.GPU_OOM):
-                    self.stop(w.cuda_error_grace_s)
-                else:  # nan, test nan, disk full: the trainer usually exits by itself
-                    self.stop(min(5.0, w.stop_grace_s))
-            if self.kill_at is not None and now >= self.kill_at:
-                self.kill_tree()
-            time.sleep(w.poll_interval_s)
-        return self._finish(rc, started)
+        limit = w.heartbeat_timeout_s if self._seen_activity else (w.startup_timeout_s or w.heartbeat_timeout_s)
+        if now - self._last_activity > limit:
+            self.set_fault(Fault.HANG, f"no event and no output for {now - self._last_activity:.0f}s")
+        elif self._budget is not None and now >= self._next_mem:
+            self._next_mem = now + 0.5
+            used = tree_memory(self.proc.pid)
+            if used > self._budget:
+                budget = self._budget / 2**30
+                self.set_fault(Fault.CPU_OOM, f"trainer tree uses {used / 2**30:.2f} GiB > memory_limit {budget:.2f} "
+                               "GiB: stopped before the kernel OOM killer acts")  # fmt: skip
 
-    def _finish(self, rc: int, started: float) -> AttemptResult:
+    def poll(self) -> tuple[Observed, int | None]:
+        """Read everything new (events, output, files) and check the trainer's health; returns what was
+        observed and the exit status of the process tree once it is gone (else None)."""
+        out = Observed()
+        now = time.monotonic()
+        self._on_events(out)
+        for stream, line, at in self.pump.drain():
+            self._mark_activity(at)
+            self._on_line(stream, line, out)
+        if self._scanner is not None and self.accepting and now >= self._next_scan:
+            self._next_scan = now + 0.5
+            self._found(self._scanner.poll(), out)
+        if now >= self._next_cg:
+            self._next_cg = now + 0.5
+            self.oom.sample_tree(self.proc.pid)
+        rc = self.proc.poll()
+        if rc is None and self.fault is None:
+            self._check_health(now)
+        return out, rc
+
+    def finish(self, rc: int) -> tuple[AttemptResult, Observed]:
+        """After the exit: read what was written just before it, name the fault, end the attempt."""
         self.kill_tree()  # anything the trainer left behind
         self.pump.join()
-        for ev in self._tail.poll():  # written just before the exit
-            self._on_event(ev)
-        for stream, line, at in self.pump.drain():
-            self._on_line(stream, line, at)
-        if self._scanner is not None and rc == 0 and self.fault is None:
-            for epoch, path in self._scanner.poll(self.recorded, final=True):
-                self._record(epoch, path, {})
+        out = Observed()
+        self._on_events(out)
+        for stream, line, _ in self.pump.drain():
+            self._on_line(stream, line, out)
+        if self._scanner is not None and rc == 0 and self.accepting:
+            self._found(self._scanner.poll(final=True), out)
         tail = list(self.pump.tail)
         self.pump.close()
         oom_killed = self.oom.fired()
         if self.fault is None:
             fault = classify_exit(rc, tail, oom_killed)
             if fault is not None:
-                self._set_fault(fault, f"{describe_exit(rc)}; last output: {tail[-1] if tail else ''}"[:300])
+                self.set_fault(fault, f"{describe_exit(rc)}; last output: {tail[-1] if tail else ''}"[:300])
         self._to("ended", describe_exit(rc))
-        return AttemptResult(self.fault, describe_exit(rc), self.epoch, self.steps, self.detail, tail[-20:],
-                             self.detected_wall)  # fmt: skip
+        result = AttemptResult(self.fault, describe_exit(rc), self.epoch, self.rules.steps, self.detail, tail[-20:],
+                               self.detected_wall)  # fmt: skip
+        return result, out
+
+
+def event_rules(cfg: RunConfig, run_dir: Path, start_epoch: int) -> EventRules:
+    """The checkpoint rules of an attempt of this run that starts at `start_epoch`."""
+    layout = RunLayout(run_dir)
+    cwd = cfg.base_dir / (cfg.trainer.cwd or ".")
+
+    def resolve(raw: str) -> Path:
+        path = Path(raw)
+        return path if path.is_absolute() else cwd / path
+
+    def expected(epoch: int) -> Path:
+        return expected_path(cfg.checkpoints.pattern, epoch, layout.checkpoints, run_dir)
+
+    return EventRules(start_epoch, cfg.epochs, expected, resolve)

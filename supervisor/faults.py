@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 import signal
+from dataclasses import dataclass
 from enum import Enum
 
 NORMAL_START = "normal start"
@@ -32,13 +33,65 @@ class Fault(str, Enum):
         return self.value
 
     @property
+    def rule(self) -> FaultRule:
+        return RULES[self]
+
+    @property
     def pauses(self) -> bool:
         """Faults after which the run pauses (exit 75) instead of restarting on this machine."""
-        return self in (Fault.TIME_LIMIT, Fault.PREEMPTED, Fault.STOPPED)
+        return RULES[self].pauses
+
+    @property
+    def external(self) -> bool:
+        """Not the trainer's doing: spends no restart budget, and the trainer's work up to it counts."""
+        return RULES[self].external
+
+
+@dataclass(frozen=True)
+class FaultRule:
+    """How the supervisor treats one fault.
+
+    pauses:   the run pauses (exit 75) and a later `start` resumes it, instead of restarting here
+    external: not caused by the trainer; checkpoints the trainer completes after it still count
+    grace:    how long the trainer may take to exit once the fault is named: "stop" ([watch]
+              stop_grace_s, to save), "cuda" (cuda_error_grace_s), "short" (min(5 s, stop grace):
+              it usually exits by itself) or "none" (killed at once)
+    """
+
+    pauses: bool
+    external: bool
+    grace: str
+
+
+# The one table of faults: every other place derives from it.
+RULES: dict[Fault, FaultRule] = {
+    Fault.NAN: FaultRule(pauses=False, external=False, grace="short"),
+    Fault.TEST_NAN: FaultRule(pauses=False, external=False, grace="short"),
+    Fault.CUDA_ERROR: FaultRule(pauses=False, external=False, grace="cuda"),
+    Fault.GPU_OOM: FaultRule(pauses=False, external=False, grace="cuda"),
+    Fault.CPU_OOM: FaultRule(pauses=False, external=False, grace="none"),
+    Fault.HANG: FaultRule(pauses=False, external=False, grace="none"),
+    Fault.DISK_FULL: FaultRule(pauses=False, external=False, grace="short"),
+    Fault.CRASH: FaultRule(pauses=False, external=False, grace="short"),
+    Fault.TIME_LIMIT: FaultRule(pauses=True, external=True, grace="stop"),
+    Fault.PREEMPTED: FaultRule(pauses=True, external=True, grace="stop"),
+    Fault.STOPPED: FaultRule(pauses=True, external=True, grace="stop"),
+    Fault.SESSION_LOST: FaultRule(pauses=False, external=True, grace="none"),
+}
+
+
+def grace_s(fault: Fault, stop_grace_s: float, cuda_error_grace_s: float) -> float:
+    """Seconds the trainer gets to exit on its own once `fault` is named (SIGKILL after)."""
+    return {
+        "stop": stop_grace_s,
+        "cuda": cuda_error_grace_s,
+        "short": min(5.0, stop_grace_s),
+        "none": 0.0,
+    }[RULES[fault].grace]
 
 
 # Order matters: the first matching rule wins, so specific strings come before general ones.
-# Sources: ../shared/reference/platforms.md sections 4 (CUDA, cuBLAS, cuDNN, NCCL) and 5 (host OOM).
+# Sources: docs/platforms.md (CUDA, cuBLAS, cuDNN, NCCL error strings; host OOM).
 _STDERR_RULES: tuple[tuple[Fault, re.Pattern[str]], ...] = (
     (
         Fault.GPU_OOM,

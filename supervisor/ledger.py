@@ -7,16 +7,22 @@ the reports never need any other state.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
+import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from supervisor.durable import atomic_write
 from supervisor.faults import NORMAL_START
-from supervisor.layout import LEDGER_NAME  # noqa: F401 - re-exported
+from supervisor.layout import LEDGER_NAME, RunLayout
 from supervisor.store.base import CheckpointRecord
+
+__all__ = ["LEDGER_NAME", "Fenced", "Ledger", "RunView", "AttemptView", "fold", "read_facts", "parse_facts"]
 
 # Fact kinds.
 SESSION_STARTED = "session_started"
@@ -42,47 +48,112 @@ class Fenced(RuntimeError):
 class Ledger:
     """Appends facts to ledger.jsonl; each line is on disk (fsync) before append() returns.
 
-    `fenced()` is asked before every write; once it says True, append() raises Fenced.
+    `open()` repairs a torn tail (sets it aside in a side file) and loads the facts once; after it,
+    `facts()` is served from memory. `fenced()` is asked before every write and must not block;
+    once it says True, append() raises Fenced. After open() a ledger that vanished (its run dir was
+    deleted) fails with FileNotFoundError instead of silently starting a new, empty record.
     """
 
     def __init__(self, path: Path, on_append: Any = None, fenced: Any = None):
         self.path = path
         self._on_append = on_append
         self._fenced = fenced
+        self._facts: list[dict[str, Any]] | None = None
+
+    def open(self) -> list[str]:
+        """Repair a torn tail and load every fact; returns one warning line per line set aside or skipped."""
+        warnings = []
+        with open(self.path, "ab"):  # created here, once: append() never creates it (see the class doc)
+            pass
+        set_aside = repair_torn_tail(self.path, RunLayout(self.path.parent))
+        if set_aside is not None:
+            warnings.append(f"the ledger's last line was torn (a write cut short); set aside in {set_aside.name}")
+        facts, skipped = parse_facts(self.path)
+        self._facts = facts
+        return warnings + skipped
 
     def append(self, fact: str, **fields: Any) -> dict[str, Any]:
         if self._fenced is not None and self._fenced():
             raise Fenced(f"not writing '{fact}' to {self.path}: this supervisor lost the run's lease")
         record = {"fact": fact, "ts": round(time.time(), 3), **fields}
-        line = json.dumps(record, separators=(",", ":"), allow_nan=True, default=str) + "\n"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(line)
-            f.flush()
-            os.fsync(f.fileno())
+        line = (json.dumps(record, separators=(",", ":"), allow_nan=True, default=str) + "\n").encode()
+        flags = os.O_WRONLY | os.O_APPEND | (os.O_CREAT if self._facts is None else 0)
+        fd = os.open(self.path, flags, 0o644)
+        try:
+            size = os.fstat(fd).st_size
+            try:
+                written = os.write(fd, line)
+                if written != len(line):
+                    raise OSError(errno.ENOSPC, "short write", str(self.path))
+                os.fsync(fd)
+            except OSError:
+                with contextlib.suppress(OSError):  # never leave half a line for the next fact to glue onto
+                    os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
+        if self._facts is not None:
+            self._facts.append(record)
         if self._on_append is not None:
             self._on_append(self.path)
         return record
 
     def facts(self) -> list[dict[str, Any]]:
-        return read_facts(self.path)
+        if self._facts is None:
+            return read_facts(self.path)
+        return list(self._facts)
+
+
+def repair_torn_tail(path: Path, layout: RunLayout) -> Path | None:
+    """If the ledger does not end with a newline, move the partial last line into a side file and
+    cut it off (fsynced), so the next append starts on a line of its own. Returns the side file."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except FileNotFoundError:
+        return None
+    if not data or data.endswith(b"\n"):
+        return None
+    keep = data.rfind(b"\n") + 1
+    side = layout.torn_ledger(int(time.time() * 1000))
+    atomic_write(side, lambda f: f.write(data[keep:]))
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.ftruncate(fd, keep)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    return side
+
+
+def parse_facts(path: Path) -> tuple[list[dict[str, Any]], list[str]]:
+    """(facts, warnings): every whole line that is a JSON object with a `fact`; the rest is skipped
+    with one warning each (a torn last line is skipped silently: open() sets it aside)."""
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return [], []
+    facts, warnings = [], []
+    lines = data.split(b"\n")
+    torn = lines.pop()  # b"" when the file ends with a newline
+    for number, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except ValueError:
+            obj = None
+        if isinstance(obj, dict) and isinstance(obj.get("fact"), str):
+            facts.append(obj)
+        else:
+            warnings.append(f"ledger line {number} is not a fact (not a JSON object with a 'fact'); skipped")
+    del torn
+    return facts, warnings
 
 
 def read_facts(path: Path) -> list[dict[str, Any]]:
-    """All facts of a ledger file; a torn last line (the writer died mid-write) is skipped."""
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return []
-    facts = []
-    for line in text.splitlines():
-        try:
-            obj = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(obj, dict) and "fact" in obj:
-            facts.append(obj)
-    return facts
+    """All facts of a ledger file; a torn last line and lines that are not facts are skipped."""
+    return parse_facts(path)[0]
 
 
 @dataclass
@@ -119,6 +190,13 @@ class RunView:
     diagnosis: str | None = None
     high_water: int = -1
     budget_start: int = 0  # attempts before this index were judged by an earlier give-up
+    removed: list[tuple[int, str]] = field(default_factory=list)  # (epoch, sha256) retention let go
+    skipped: list[str] = field(default_factory=list)  # facts of the wrong shape, not folded
+
+    @property
+    def next_attempt(self) -> int:
+        """The number of the next attempt: one past the highest ever recorded."""
+        return max((a.attempt for a in self.attempts), default=-1) + 1
 
     @property
     def seeds_used(self) -> set[int]:
@@ -140,62 +218,96 @@ class RunView:
 
     def best(self, metric: str, mode: str = "max") -> tuple[float, int] | None:
         """(value, epoch) of the best finite `metric` among evaluated epochs."""
-        import math
-
         found = [
             (float(m[metric]), e)
             for e, m in self.metrics.items()
-            if isinstance(m.get(metric), (int, float)) and math.isfinite(m[metric])
+            if isinstance(m.get(metric), (int, float)) and not isinstance(m.get(metric), bool)
+            and math.isfinite(m[metric])
         ]
         if not found:
             return None
         return max(found) if mode == "max" else min(found)
 
 
+def _int(value: Any) -> int:
+    """An int from a ledger field; ValueError for anything else (bools, floats with a fraction, null)."""
+    if isinstance(value, bool) or value is None:
+        raise ValueError(f"expected an integer, got {value!r}")
+    if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+        raise ValueError(f"expected an integer, got {value!r}")
+    return int(value)
+
+
+def _apply(view: RunView, by_id: dict[int, AttemptView], f: dict[str, Any]) -> None:
+    """Fold one fact into the view; raises (KeyError, TypeError, ValueError) for a fact of the wrong shape,
+    before changing anything."""
+    kind = f.get("fact")
+    if kind == ATTEMPT_STARTED:
+        load_epoch = _int(f["load_epoch"])
+        a = AttemptView(
+            attempt=_int(f["attempt"]),
+            seed=_int(f["seed"]),
+            load_epoch=load_epoch,
+            start_epoch=_int(f.get("start_epoch", load_epoch + 1)),
+            reason=str(f.get("reason", NORMAL_START)),
+            batch_divisor=_int(f.get("batch_divisor", 1)),
+            started_at=float(f.get("ts", 0.0)),
+            host=str(f.get("host", "")),
+            pid=f.get("pid") if isinstance(f.get("pid"), int) else None,
+        )
+        by_id[a.attempt] = a
+        view.attempts.append(a)
+        view.status = STATUS_RUNNING
+    elif kind == ATTEMPT_ENDED:
+        a = by_id[_int(f["attempt"])]
+        failed = f.get("failed_epoch")
+        tail = f.get("tail", [])
+        ended = dict(
+            fault=f.get("fault") if isinstance(f.get("fault"), str) else None,
+            exit=str(f.get("exit")) if f.get("exit") is not None else None,
+            failed_epoch=None if failed is None else _int(failed),
+            steps=_int(f.get("steps", 0)),
+            progressed=bool(f.get("progressed", False)),
+            tail=[str(x) for x in tail] if isinstance(tail, list) else [],
+            ended_at=float(f.get("ts", 0.0)),
+        )
+        a.ended = True
+        for key, value in ended.items():
+            setattr(a, key, value)
+    elif kind == CHECKPOINT:
+        rec = CheckpointRecord(_int(f["epoch"]), str(f["path"]), _int(f["size"]), str(f["sha256"]))
+        if rec.epoch < 0 or rec.size < 0:
+            raise ValueError(f"checkpoint of epoch {rec.epoch}, size {rec.size}")
+        view.checkpoints[rec.epoch] = rec
+        view.high_water = max(view.high_water, rec.epoch)
+        view.removed = [r for r in view.removed if r != (rec.epoch, rec.sha256)]
+    elif kind in (CHECKPOINT_REMOVED, CHECKPOINT_UNAVAILABLE):
+        epoch = _int(f["epoch"])
+        rec = view.checkpoints.get(epoch)
+        if rec is not None and rec.sha256 == f.get("sha256", rec.sha256):
+            del view.checkpoints[rec.epoch]
+            if kind == CHECKPOINT_REMOVED:
+                view.removed.append((rec.epoch, rec.sha256))
+    elif kind == METRICS:
+        metrics = f.get("metrics", {})
+        if not isinstance(metrics, dict):
+            raise ValueError("metrics is not a table")
+        view.metrics[_int(f["epoch"])] = dict(metrics)
+    elif kind == RUN_ENDED:
+        view.status = str(f["status"])
+        view.diagnosis = f.get("diagnosis") if isinstance(f.get("diagnosis"), str) else None
+        if view.status == STATUS_GAVE_UP:
+            view.budget_start = len(view.attempts)
+
+
 def fold(facts: list[dict[str, Any]]) -> RunView:
-    """The RunView of a list of facts (pure)."""
+    """The RunView of a list of facts (pure). A fact of the wrong shape is skipped and named in
+    `view.skipped`; it never stops the fold."""
     view = RunView()
     by_id: dict[int, AttemptView] = {}
-    for f in facts:
-        kind = f.get("fact")
-        if kind == ATTEMPT_STARTED:
-            a = AttemptView(
-                attempt=int(f["attempt"]),
-                seed=int(f["seed"]),
-                load_epoch=int(f["load_epoch"]),
-                start_epoch=int(f.get("start_epoch", int(f["load_epoch"]) + 1)),
-                reason=str(f.get("reason", NORMAL_START)),
-                batch_divisor=int(f.get("batch_divisor", 1)),
-                started_at=float(f.get("ts", 0.0)),
-                host=str(f.get("host", "")),
-                pid=f.get("pid"),
-            )
-            by_id[a.attempt] = a
-            view.attempts.append(a)
-            view.status = STATUS_RUNNING
-        elif kind == ATTEMPT_ENDED and int(f["attempt"]) in by_id:
-            a = by_id[int(f["attempt"])]
-            a.ended = True
-            a.fault = f.get("fault")
-            a.exit = f.get("exit")
-            a.failed_epoch = f.get("failed_epoch")
-            a.steps = int(f.get("steps", 0))
-            a.progressed = bool(f.get("progressed", False))
-            a.tail = list(f.get("tail", []))
-            a.ended_at = float(f.get("ts", 0.0))
-        elif kind == CHECKPOINT:
-            rec = CheckpointRecord(int(f["epoch"]), str(f["path"]), int(f["size"]), str(f["sha256"]))
-            view.checkpoints[rec.epoch] = rec
-            view.high_water = max(view.high_water, rec.epoch)
-        elif kind in (CHECKPOINT_REMOVED, CHECKPOINT_UNAVAILABLE):
-            rec = view.checkpoints.get(int(f["epoch"]))
-            if rec is not None and rec.sha256 == f.get("sha256", rec.sha256):
-                del view.checkpoints[rec.epoch]
-        elif kind == METRICS:
-            view.metrics[int(f["epoch"])] = dict(f.get("metrics", {}))
-        elif kind == RUN_ENDED:
-            view.status = str(f["status"])
-            view.diagnosis = f.get("diagnosis")
-            if view.status == STATUS_GAVE_UP:
-                view.budget_start = len(view.attempts)
+    for index, f in enumerate(facts):
+        try:
+            _apply(view, by_id, f)
+        except (KeyError, TypeError, ValueError, OverflowError) as exc:
+            view.skipped.append(f"fact {index + 1} ({f.get('fact')!r}) has the wrong shape ({exc!r}); skipped")
     return view

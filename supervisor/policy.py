@@ -14,7 +14,7 @@ from supervisor.faults import NORMAL_START, Fault
 from supervisor.ledger import AttemptView, RunView
 
 # Faults that are not the trainer's doing: they pause or resume, and spend no restart budget.
-EXTERNAL = frozenset({Fault.TIME_LIMIT, Fault.PREEMPTED, Fault.STOPPED, Fault.SESSION_LOST})
+EXTERNAL = frozenset(f for f in Fault if f.external)
 
 
 @dataclass(frozen=True)
@@ -131,7 +131,7 @@ def decide(view: RunView, cfg: RestartConfig, pool: list[int], name: str, epochs
     last = view.last
     assert last is not None and last.ended, "decide() needs an ended attempt"
     fault = _fault_of(last) or Fault.CRASH
-    if fault in (Fault.TIME_LIMIT, Fault.PREEMPTED, Fault.STOPPED):
+    if fault.pauses:
         return Pause(fault.value)
 
     recent = view.attempts[view.budget_start :]  # a give-up and a new start reset the budgets
@@ -166,9 +166,9 @@ def decide(view: RunView, cfg: RestartConfig, pool: list[int], name: str, epochs
     note = ""
     if fault not in EXTERNAL:
         rollback = consecutive_same_epoch(view.attempts, failed) // cfg.rollback_after
-        if rollback:
-            note = f"epoch {failed} failed {rollback * cfg.rollback_after}x in a row: rolled back {rollback}"
     load = resume_epoch(view, before=failed, rollback=rollback)
+    if rollback and load != resume_epoch(view, before=failed):  # already at a fresh start: nothing rolled back
+        note = f"epoch {failed} failed {rollback * cfg.rollback_after}x in a row: rolled back to epoch {load}"
 
     divisor = last.batch_divisor
     if fault is Fault.GPU_OOM and cfg.halve_batch_on_gpu_oom:

@@ -68,18 +68,24 @@ def checkpoint_regex(pattern: str = DEFAULT_CHECKPOINT_PATTERN) -> re.Pattern[st
 
 
 def to_number(value: Any) -> float | None:
-    """A float from an event field: numbers, or the strings 'nan', 'inf', '-inf' (any case)."""
+    """A float from an event field: numbers, or the strings 'nan', 'inf', '-inf' (any case); None for
+    anything else. An integer too large for a float is +-inf (as a float computation would give)."""
     if isinstance(value, bool):
         return None
-    if isinstance(value, (int, float)):
-        return float(value)
+    if isinstance(value, float):
+        return value
+    if isinstance(value, int):
+        try:
+            return float(value)
+        except OverflowError:  # an integer beyond float64 (JSON allows 400 digits): it overflowed
+            return math.inf if value > 0 else -math.inf
     if isinstance(value, str):
         s = value.strip().lower()
         if s in _NONFINITE_STRINGS:
             return _NONFINITE_STRINGS[s]
         try:
             return float(s)
-        except ValueError:
+        except (ValueError, OverflowError):
             return None
     return None
 
@@ -101,6 +107,11 @@ class Event:
     def epoch(self) -> int | None:
         e = self.data.get("epoch")
         return e if isinstance(e, int) and not isinstance(e, bool) else None
+
+    @property
+    def loss(self) -> float | None:
+        """The step's loss as a number (NaN/inf included); None when absent or not a number at all."""
+        return to_number(self.data.get("loss"))
 
 
 def parse_event(line: str) -> Event | None:

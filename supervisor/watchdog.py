@@ -5,6 +5,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
 import os
@@ -13,18 +15,20 @@ import signal
 import socket
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from pathlib import Path
-from typing import Any
 
 from filelock import FileLock, Timeout
 
 from supervisor import __version__, policy
 from supervisor import ledger as L
-from supervisor.attempt import Attempt, AttemptSpec, Hooks
+from supervisor.attempt import Attempt, AttemptResult, AttemptSpec, event_rules
+from supervisor.checkpoints import ANNOUNCED_SETTLE_S, Announced, Observed, hash_settled
 from supervisor.config import RunConfig
-from supervisor.durable import atomic_write, sha256_file
+from supervisor.durable import atomic_write, is_temp_name
 from supervisor.faults import Fault
-from supervisor.layout import RunLayout
+from supervisor.layout import RunLayout, describe_holder
+from supervisor.monitors.disk import free_bytes
+from supervisor.monitors.events import EventTail
+from supervisor.oserrors import describe_os_error
 from supervisor.platforms import Platform, detect
 from supervisor.platforms.notices import NoticePoller
 from supervisor.store.base import CheckpointRecord, Store, StoreError
@@ -32,33 +36,17 @@ from supervisor.store.base import CheckpointRecord, Store, StoreError
 log = logging.getLogger("supervisor")
 
 EXIT_COMPLETED, EXIT_GAVE_UP, EXIT_USAGE, EXIT_PAUSED = 0, 1, 2, 75
-
-
-def _size_and_sha256(path: Path) -> tuple[int, str]:
-    return path.stat().st_size, sha256_file(path)
+# A watch loop that did not run for this long was frozen; after it, the fencing question waits up to
+# FENCE_WAIT_S for the lease thread (which wakes with it and renews at once) before anything is written.
+FROZEN_S, FENCE_WAIT_S = 2.0, 3.0
 
 
 class LockHeld(RuntimeError):
     """Another supervisor drives this run dir."""
 
 
-def holder_info(run_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads(RunLayout(run_dir).holder.read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def describe_holder(run_dir: Path) -> str:
-    h = holder_info(run_dir)
-    if not h:
-        return "another supervisor"
-    age = time.time() - float(h.get("started", time.time()))
-    return f"pid {h.get('pid')} on host {h.get('host')} (running for {age:.0f}s)"
-
-
 class Watchdog:
-    """Drives one run to completed (0), gave up (1) or paused (75)."""
+    """Drives one run to completed (0), gave up (1) or paused (75); owns the watch loop and every decision."""
 
     def __init__(self, cfg: RunConfig, store: Store, platform: Platform | None = None, echo: bool = True):
         self.cfg = cfg
@@ -67,8 +55,8 @@ class Watchdog:
         self.layout = RunLayout(self.run_dir)
         self.platform = platform or detect(cfg.platform.detect, cfg.platform.session_limit_s)
         self.echo = echo
-        self.ledger = L.Ledger(self.layout.ledger, on_append=store.ledger_changed,
-                               fenced=lambda: not store.writable(wait_s=5.0))  # fmt: skip
+        # The fencing question is settled by the lease thread; asking it never waits on the network.
+        self.ledger = L.Ledger(self.layout.ledger, on_append=store.ledger_changed, fenced=store.lost_lease)
         self._pause_why: str | None = None
         self._attempt: Attempt | None = None
         p = cfg.platform
@@ -78,7 +66,9 @@ class Watchdog:
         self._resuming_from: int | None = None
         self._high_water_at_start = -1
         self._attempt_progressed = False
-        self._pending: list[tuple[int, Path, dict, Future]] = []
+        self._launched_wall = 0.0
+        self._last_tick = time.monotonic()
+        self._pending: list[tuple[Announced, int, Future]] = []
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
 
     # -- outside requests ---------------------------------------------------------------------
@@ -92,10 +82,10 @@ class Watchdog:
             self._attempt.kill_tree()
 
     def stop_reason(self) -> Fault | None:
+        """A pause asked for from outside (signal, STOP file, store failure, spot notice, clock); reads
+        only what other threads concluded. Raises Fenced once another supervisor took the run."""
         if self.store.lost_lease():
-            if self._attempt is not None:
-                self._attempt.kill_tree()  # fencing: another supervisor drives the run now
-            return Fault.STOPPED
+            raise L.Fenced("this supervisor lost the run's lease")
         if self._stop is None and (error := self.store.permanent_error()) is not None:
             log.error("%s: pausing the run", error)
             self._stop, self._pause_why = Fault.STOPPED, error
@@ -112,46 +102,67 @@ class Watchdog:
             self._stop = Fault.TIME_LIMIT
         return self._stop
 
+    def _check_fence(self) -> None:
+        """After the loop did not run for FROZEN_S (SIGSTOP, a suspended VM), another supervisor may
+        have taken the run: let the lease thread settle that (renewed, or lost) before anything is
+        written. This is the only wait on the store, and only after a freeze, never in an outage."""
+        now = time.monotonic()
+        gap, self._last_tick = now - self._last_tick, now
+        if gap > FROZEN_S and not self.store.writable(wait_s=FENCE_WAIT_S):
+            raise L.Fenced(f"this supervisor was frozen for {gap:.0f}s and lost the run's lease meanwhile")
+
     # -- checkpoints --------------------------------------------------------------------------
 
     def view(self) -> L.RunView:
         return L.fold(self.ledger.facts())
 
-    def on_checkpoint(self, epoch: int, path: Path, data: dict) -> None:
+    def hash_announced(self, announced: Announced, attempt: int, settle_s: float = ANNOUNCED_SETTLE_S) -> None:
         """A checkpoint was announced: hash it in the background so the watch loop never stalls."""
-        self._pending.append((epoch, path, data, self._hasher.submit(_size_and_sha256, path)))
+        self._pending.append((announced, attempt, self._hasher.submit(hash_settled, announced.path, settle_s)))
 
     def record_hashed(self, wait: bool = False) -> None:
         """Record announced checkpoints whose hashing finished, in announcement order."""
-        while self._pending and (wait or self._pending[0][3].done()):
-            epoch, path, data, future = self._pending.pop(0)
+        while self._pending and (wait or self._pending[0][2].done()):
+            announced, attempt, future = self._pending.pop(0)
             try:
                 size, digest = future.result()
-            except OSError as exc:
-                log.error("checkpoint of epoch %d at %s cannot be read (%s): not recorded", epoch, path, exc.strerror)
+            except (OSError, ValueError) as exc:
+                log.error("checkpoint of epoch %d at %s cannot be verified (%s): not recorded", announced.epoch,
+                          announced.path, getattr(exc, "strerror", None) or exc)  # fmt: skip
                 continue
-            self._record_checkpoint(epoch, path, data, size, digest)
+            self._record_checkpoint(announced, attempt, size, digest)
 
-    def _record_checkpoint(self, epoch: int, path: Path, data: dict, size: int, digest: str) -> None:
+    def _record_checkpoint(self, announced: Announced, attempt: int, size: int, digest: str) -> None:
+        epoch, data = announced.epoch, announced.data
         claimed = data.get("sha256")
         if isinstance(claimed, str) and claimed != digest:
             log.error("checkpoint of epoch %d: sha256 differs from the trainer's claim: not recorded", epoch)
             return
+        if isinstance(data.get("size"), int) and data["size"] != size:
+            log.error("checkpoint of epoch %d: %d bytes, the trainer announced %d: not recorded", epoch, size,
+                      data["size"])  # fmt: skip
+            return
         try:
-            rel = path.resolve().relative_to(self.run_dir).as_posix()
+            rel = announced.path.resolve().relative_to(self.run_dir).as_posix()
         except ValueError:
-            rel = str(path.resolve())
-        self.ledger.append(L.CHECKPOINT, epoch=epoch, path=rel, size=size, sha256=digest,
-                           attempt=self._attempt.spec.attempt)  # fmt: skip
+            rel = str(announced.path.resolve())
+        self.ledger.append(L.CHECKPOINT, epoch=epoch, path=rel, size=size, sha256=digest, attempt=attempt)
         if epoch > self._high_water_at_start:
             self._attempt_progressed = True
-        record = CheckpointRecord(epoch, rel, size, digest)
-        self.store.checkpoint_verified(record, self.run_dir)
+        self.store.checkpoint_verified(CheckpointRecord(epoch, rel, size, digest), self.run_dir)
         log.info("epoch %d checkpoint verified (%.1f MB, sha256 %s...)", epoch, size / 1e6, digest[:12])
         self.apply_retention(self.cfg.checkpoints.keep_last)
 
-    def on_metrics(self, epoch: int, metrics: dict) -> None:
-        self.ledger.append(L.METRICS, epoch=epoch, metrics=metrics)
+    def _take(self, seen: Observed, attempt: int) -> None:
+        """Record what the attempt observed: metrics now, checkpoints once hashed."""
+        for epoch, metrics in seen.metrics:
+            self.ledger.append(L.METRICS, epoch=epoch, metrics=metrics)
+        for line in seen.refused:
+            log.warning("attempt %d: %s", attempt, line)
+            self.ledger.append(L.NOTE, attempt=attempt, note=line)
+        settle = self.cfg.checkpoints.settle_s if self.cfg.trainer.mode == "zero-code" else ANNOUNCED_SETTLE_S
+        for announced in seen.checkpoints:
+            self.hash_announced(announced, attempt, min(settle, ANNOUNCED_SETTLE_S))
 
     def apply_retention(self, keep_last: int) -> None:
         c = self.cfg.checkpoints
@@ -159,28 +170,50 @@ class Watchdog:
         protect = {self._resuming_from} if self._resuming_from is not None else set()
         for epoch in policy.retention(view, keep_last, c.keep_best, c.best_metric, c.best_mode, protect):
             record = view.checkpoints[epoch]
+            self.ledger.append(L.CHECKPOINT_REMOVED, epoch=epoch, sha256=record.sha256, path=record.path,
+                               why="retention")  # fmt: skip
             self.store.remove_checkpoint(record, self.run_dir)
             (self.run_dir / record.path).unlink(missing_ok=True)
-            self.ledger.append(L.CHECKPOINT_REMOVED, epoch=epoch, sha256=record.sha256, why="retention")
             log.info("retention: removed checkpoint of epoch %d", epoch)
 
-    def on_disk_low(self) -> bool:
-        from supervisor.monitors.disk import free_bytes
+    def remove_stale_temps(self, older_than: float | None = None) -> int:
+        """Delete temp files of unfinished checkpoint writes (all of them, or those last written before
+        the unix time `older_than`); returns how many went."""
+        removed = 0
+        for path in self.layout.checkpoints.rglob(".*"):
+            try:
+                if is_temp_name(path.name) and (older_than is None or path.stat().st_mtime < older_than):
+                    path.unlink()
+                    removed += 1
+            except FileNotFoundError:
+                continue
+        if removed:
+            log.info("removed %d unfinished checkpoint write(s) left behind", removed)
+        return removed
 
-        log.warning("free disk space below disk_min_free: pruning old checkpoints")
+    def guard_disk(self, attempt: Attempt) -> None:
+        """Below disk_min_free: prune old checkpoints and stale temp files; still below is `disk full`."""
+        minimum = self.cfg.watch.disk_min_free
+        if minimum is None or free_bytes(self.run_dir) >= minimum:
+            return
+        log.warning("free disk space below disk_min_free: pruning old checkpoints and unfinished writes")
         self.apply_retention(1)
-        return free_bytes(self.run_dir) >= (self.cfg.watch.disk_min_free or 0)
+        self.remove_stale_temps(older_than=self._launched_wall - 2.0)
+        if free_bytes(self.run_dir) < minimum:
+            attempt.set_fault(Fault.DISK_FULL, f"free space below disk_min_free ({minimum} bytes)")
 
     # -- the run ------------------------------------------------------------------------------
 
     def run(self) -> int:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(self.layout.lock))
         try:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            lock = FileLock(str(self.layout.lock))
             lock.acquire(timeout=0)
         except Timeout:
             raise LockHeld(f"run dir {self.run_dir} is in use by {describe_holder(self.run_dir)}; "
                            "stop it first (supervisor stop) or wait for it to end") from None  # fmt: skip
+        except OSError as exc:
+            return self._fs_failure(exc, can_record=False)
         old_handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             atomic_write(self.layout.holder, lambda f: f.write(json.dumps(
@@ -188,37 +221,78 @@ class Watchdog:
             self.layout.stop_request.unlink(missing_ok=True)
             self.store.open()
             self.notices.start()
-            if not self.ledger.path.exists() and self.store.restore(self.run_dir):
+            if not self.layout.ledger.exists() and self.store.restore(self.run_dir):
                 log.info("continuing the run found in %s", self.store.describe())
-            self.store.resume_uploads(list(self.view().checkpoints.values()), self.run_dir)
+            for warning in self.ledger.open():
+                log.warning("%s", warning)
+            view = self.view()
+            for warning in view.skipped:
+                log.warning("ledger: %s", warning)
+            self.store.resume_uploads(list(view.checkpoints.values()), self.run_dir)
+            self.store.resume_removals(view.removed, self.run_dir)
             return self._drive()
         except L.Fenced:
             if self._attempt is not None:
                 self._attempt.kill_tree()
             raise LockHeld(f"run '{self.cfg.name}' was taken over by another supervisor (its lease in "
                            f"{self.store.describe()} is lost): this one stopped writing") from None  # fmt: skip
+        except OSError as exc:
+            return self._fs_failure(exc, can_record=True)
         finally:
             for s, h in old_handlers.items():
                 signal.signal(s, h)
             self.notices.close()
             self._hasher.shutdown(wait=True)
             self.store.close()
-            self.layout.holder.unlink(missing_ok=True)
-            lock.release()
+            with contextlib.suppress(OSError):
+                self.layout.holder.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                lock.release()
+
+    def _fs_failure(self, exc: OSError, can_record: bool) -> int:
+        """An OS error on the supervisor's own files: stop the trainer, say what and how to fix it in one
+        line, record it when the ledger can still be written; pause (75) when the condition may pass."""
+        if self._attempt is not None:
+            self._attempt.kill_tree()
+        code, line = describe_os_error(exc, "write")
+        if exc.errno == errno.ENOENT and can_record:
+            line = (f"{exc.filename or self.run_dir} vanished while the run was going (was the run dir deleted?); "
+                    "`supervisor start` again continues from the store, or starts afresh")
+            code = EXIT_PAUSED
+        log.error("%s", line)
+        if can_record:
+            with contextlib.suppress(OSError, L.Fenced):  # not a give-up: fixed, the same start continues
+                self.ledger.append(L.RUN_ENDED, status=L.STATUS_PAUSED, diagnosis=line, not_uploaded=[])
+        return code
 
     def _close_lost_attempt(self, view: L.RunView) -> None:
+        """An attempt whose supervisor vanished: record what its events announced (checkpoints that are
+        complete, metrics), then close it, before anything decides where to resume."""
         last = view.last
-        if last is not None and not last.ended:
-            self.ledger.append(L.ATTEMPT_ENDED, attempt=last.attempt, fault=Fault.SESSION_LOST.value,
-                               exit="unknown", failed_epoch=view.high_water + 1, steps=0, progressed=False,
-                               tail=[], detail="the supervisor driving it vanished")  # fmt: skip
-            log.warning("attempt %d was left running by a supervisor that vanished: closed as 'session lost'",
-                        last.attempt)  # fmt: skip
+        if last is None or last.ended:
+            return
+        rules = event_rules(self.cfg, self.run_dir, last.start_epoch)
+        rules.announced |= {f.get("epoch") for f in self.ledger.facts()  # recorded before it died: bytes may
+                            if f.get("fact") == L.CHECKPOINT and f.get("attempt") == last.attempt}  # have rotted since
+        fault: tuple[Fault, str] | None = None
+        self._high_water_at_start, self._attempt_progressed = view.high_water, False
+        for ev in EventTail(self.layout.attempt_events(last.attempt)).poll():
+            seen = rules.feed(ev, accepting=fault is None)
+            fault = fault or seen.fault
+            self._take(seen, last.attempt)
+        self.record_hashed(wait=True)
+        reason, detail = Fault.SESSION_LOST, "the supervisor driving it vanished"
+        if fault is not None:
+            reason, detail = fault[0], f"{fault[1]} (read from its events after the supervisor vanished)"
+        self.ledger.append(L.ATTEMPT_ENDED, attempt=last.attempt, fault=reason.value, exit="unknown",
+                           failed_epoch=rules.epoch, steps=rules.steps, progressed=self._attempt_progressed,
+                           tail=[], detail=detail)  # fmt: skip
+        log.warning("attempt %d was left running by a supervisor that vanished: closed as '%s'%s", last.attempt,
+                    reason.value, f", its events up to epoch {rules.epoch} read" if rules.steps else "")  # fmt: skip
 
     def _drive(self) -> int:
         cfg = self.cfg
-        view = self.view()
-        self._close_lost_attempt(view)
+        self._close_lost_attempt(self.view())
         view = self.view()
         self.ledger.append(L.SESSION_STARTED, pid=os.getpid(), host=socket.gethostname(), version=__version__,
                            store=self.store.describe(), platform=self.platform.name)  # fmt: skip
@@ -242,8 +316,10 @@ class Watchdog:
 
     def _wait(self, seconds: float) -> bool:
         """Sleep, waking early for a stop request; True if one came."""
-        deadline = time.monotonic() + seconds
+        deadline = seconds + (now := time.monotonic())
+        self._last_tick = now
         while time.monotonic() < deadline:
+            self._check_fence()
             if self.stop_reason() is not None:
                 return True
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
@@ -272,7 +348,7 @@ class Watchdog:
             self._pause_why = str(exc)
             return policy.Pause(Fault.STOPPED.value)
         view = self.view()
-        number = len(view.attempts)
+        number = view.next_attempt
         spec = AttemptSpec(
             attempt=number, seed=launch.seed, load_epoch=load_epoch, batch_divisor=launch.batch_divisor,
             load_path=(self.run_dir / record.path) if record else None, load_sha256=record.sha256 if record else None,
@@ -280,8 +356,9 @@ class Watchdog:
         self._resuming_from = load_epoch if load_epoch >= 0 else None
         self._high_water_at_start = view.high_water
         self._attempt_progressed = False
-        hooks = Hooks(self.on_checkpoint, self.on_metrics, self.stop_reason, self.on_disk_low, self.record_hashed)
-        attempt = self._attempt = Attempt(cfg, self.run_dir, spec, hooks, echo=self.echo)
+        self.remove_stale_temps()  # no trainer runs now: every temp file is a dead attempt's
+        attempt = self._attempt = Attempt(cfg, self.run_dir, spec, echo=self.echo)
+        self._launched_wall = time.time()
         argv = attempt.launch()
         self.ledger.append(L.ATTEMPT_STARTED, attempt=number, seed=spec.seed, load_epoch=load_epoch,
                            start_epoch=spec.start_epoch, reason=launch.reason, batch_divisor=spec.batch_divisor,
@@ -289,11 +366,10 @@ class Watchdog:
         note = f" ({launch.note})" if launch.note else ""
         log.info("attempt %d: epoch %d from checkpoint %d, seed %d, reason '%s'%s", number, spec.start_epoch,
                  load_epoch, spec.seed, launch.reason, note)  # fmt: skip
-        result = attempt.run()
+        result = self._watch(attempt)
         self.record_hashed(wait=True)
         view = self.view()
-        fault = result.fault
-        detail = result.detail
+        fault, detail = result.fault, result.detail
         if fault is None and not policy.is_complete(view, cfg.epochs):
             fault = Fault.CRASH
             detail = f"exited 0 before the checkpoint of epoch {cfg.epochs - 1} was verified"
@@ -304,6 +380,33 @@ class Watchdog:
         if fault is not None:
             log.info("attempt %d ended: %s (%s)", number, fault.value, result.exit)
         return policy.decide(self.view(), cfg.restart, cfg.seeds.pool, cfg.name, cfg.epochs, random.random())
+
+    def _watch(self, attempt: Attempt) -> AttemptResult:
+        """The watch loop: take what the attempt observed, ask it to stop when a pause is due, until it ends.
+        Nothing here waits on the store or the network."""
+        number = attempt.spec.attempt
+        next_disk = self._last_tick = time.monotonic()
+        while True:
+            self._check_fence()
+            seen, rc = attempt.poll()
+            self._take(seen, number)
+            self.record_hashed()
+            if attempt.pump.write_error is not None:
+                raise attempt.pump.write_error
+            if attempt.fault is None and (reason := self.stop_reason()) is not None:
+                attempt.set_fault(reason, "pause requested")  # before the exit check: our kill may end it
+            if rc is not None:
+                break
+            if attempt.fault is None and time.monotonic() >= next_disk:
+                next_disk = time.monotonic() + 2.0
+                self.guard_disk(attempt)
+            attempt.enforce()
+            time.sleep(self.cfg.watch.poll_interval_s)
+        result, seen = attempt.finish(rc)
+        self._take(seen, number)
+        if attempt.pump.write_error is not None:
+            raise attempt.pump.write_error
+        return result
 
     def _write_params(self) -> None:
         data = json.dumps(self.cfg.trainer.params, indent=2, sort_keys=True).encode()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
@@ -31,10 +32,13 @@ def toml_value(v) -> str:
 
 def write_run(
     dirpath: Path, name: str = "run", epochs: int = 4, params: dict | None = None,
-    command: list[str] | str | None = None, **sections: dict,
+    command: list[str] | str | None = None, run_dir: str | None = None, **sections: dict,
 ) -> Path:  # fmt: skip
     """A run.toml for the fake trainer; `sections` add tables such as watch={...}."""
-    lines = [f"name = {toml_value(name)}", f"epochs = {epochs}", "", "[trainer]"]
+    lines = [f"name = {toml_value(name)}", f"epochs = {epochs}"]
+    if run_dir is not None:
+        lines.append(f"run_dir = {toml_value(run_dir)}")
+    lines += ["", "[trainer]"]
     lines.append(f"command = {toml_value(command or ['python', str(FAKE)])}")
     trainer_extra = sections.pop("trainer", {})
     for k, v in trainer_extra.items():
@@ -96,6 +100,19 @@ def pid_alive(pid: int) -> bool:
         return state != "Z"
     except FileNotFoundError:
         return False
+
+
+@contextlib.contextmanager
+def tmpfs(where: Path, size: str):
+    """A real small filesystem at `where` (mount -t tmpfs, root only: skips elsewhere), unmounted after."""
+    where.mkdir(parents=True, exist_ok=True)
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True)
+    if out.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {out.stderr.decode(errors='replace').strip()}")
+    try:
+        yield where
+    finally:
+        subprocess.run(["umount", "-l", str(where)], capture_output=True)
 
 
 @pytest.fixture

@@ -8,7 +8,14 @@ fired when this is attempt A (any attempt if absent) at epoch E, step S. Kinds:
     (SIGKILL itself, as the kernel would), hang, enospc, disk_fill (fill the run dir's disk with a
     file), crash, crash_quoting_oom (a crash whose traceback quotes OOM words), exit0 (exit 0 early),
     import_error (before the first step, every attempt),
-    ignore_sigterm (keep running on SIGTERM), spawn_children (start a grandchild that outlives us).
+    ignore_sigterm (keep running on SIGTERM), spawn_children (start a grandchild that outlives us),
+    save_on_sigterm (on SIGTERM finish the epoch at full speed, save and announce it, exit 0),
+    future_mtime (at the end of epoch E: save, set the file's mtime a minute ahead so the watchdog
+    cannot hash it yet, announce it, then hang), in_place (at the end of epoch E: write the checkpoint
+    in place, announce it a third of the way through, finish writing over ~2 s).
+Also: extra_events, a list of {"after_epoch": E, "event": {...}} written as is after epoch E's
+checkpoint ("{checkpoint_dir}" in a string value is filled in); raw_lines, strings appended to the
+events file before the first step of attempt 0.
 The checkpoint holds a "state" that depends on every (seed, epoch) it went through, so tests can
 check that resumes load the right file.
 """
@@ -51,6 +58,12 @@ def main() -> int:
         return 1
     if any(f["kind"] == "ignore_sigterm" for f in faults):
         signal.signal(signal.SIGTERM, lambda *a: sys.stderr.write("fake trainer: ignoring SIGTERM\n"))
+    asked_to_stop = []
+    if any(f["kind"] == "save_on_sigterm" for f in faults):
+        signal.signal(signal.SIGTERM, lambda *a: asked_to_stop.append(True))
+    if p.get("raw_lines") and sup.events_path is not None and sup.attempt == 0:
+        with open(sup.events_path, "a") as f:
+            f.write("".join(line + "\n" for line in p["raw_lines"]))
     with open(sup.run_dir / "pids.txt", "a") as f:
         f.write(f"{os.getpid()}\n")
     if any(f["kind"] == "spawn_children" for f in faults):
@@ -116,7 +129,8 @@ def main() -> int:
             except NonFiniteLoss as exc:
                 sys.stderr.write(f"fake trainer: {exc}\n")
                 return 3
-            time.sleep(step_s)
+            if not asked_to_stop:
+                time.sleep(step_s)
         state = hashlib.sha256(f"{state}|{sup.seed}|{epoch}".encode()).hexdigest()[:16]
         if p.get("eval", True):
             value = 0.5 + epoch / 100
@@ -126,9 +140,42 @@ def main() -> int:
             sup.eval(epoch, {"AP50": value, "VOCmAP": value - 0.01})
         body = json.dumps({"epoch": epoch, "seed": sup.seed, "state": state}).encode()
         pad = b" " * max(0, int(p.get("ckpt_bytes", 0)) - len(body))
-        path = atomic_write(sup.checkpoint_path(epoch), lambda f, b=body + pad: f.write(b))
-        sup.checkpoint_done(epoch, path)
+        kind = fault_at(faults, sup.attempt, epoch, -1)
+        if kind == "in_place":
+            write_in_place(sup, epoch, body + pad)
+        else:
+            path = atomic_write(sup.checkpoint_path(epoch), lambda f, b=body + pad: f.write(b))
+            if kind == "future_mtime":
+                ahead = time.time() + 60
+                os.utime(path, (ahead, ahead))
+            sup.checkpoint_done(epoch, path)
+            if kind == "future_mtime":
+                time.sleep(3600)
+        for extra in p.get("extra_events", []):
+            if extra.get("after_epoch") == epoch:
+                event = {k: v.replace("{checkpoint_dir}", str(sup.checkpoint_dir)) if isinstance(v, str) else v
+                         for k, v in extra["event"].items()}  # fmt: skip
+                with open(sup.events_path, "a") as f:
+                    f.write(json.dumps(event) + "\n")
+        if asked_to_stop:
+            print(f"fake trainer: saved epoch {epoch} after SIGTERM", flush=True)
+            return 0
     return 0
+
+
+def write_in_place(sup: Supervised, epoch: int, data: bytes) -> None:
+    """Against the protocol: announce a checkpoint while it is still being written in place."""
+    path = sup.checkpoint_path(epoch)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    third = len(data) // 3
+    with open(path, "wb") as f:
+        f.write(data[:third])
+        f.flush()
+        sup.checkpoint_done(epoch, path)
+        for i in range(10):
+            time.sleep(0.2)
+            f.write(data[third + i * (len(data) - third) // 10 : third + (i + 1) * (len(data) - third) // 10])
+            f.flush()
 
 
 if __name__ == "__main__":

@@ -136,7 +136,10 @@ def test_same_epoch_failing_twice_rolls_back_one_more_checkpoint(tmp_path):
 
 
 def test_corrupt_checkpoint_falls_back_to_previous_verified(tmp_path):
-    toml = write_run(tmp_path, epochs=4, params={"step_s": 0.2})
+    # The trainer stalls in epoch 2, so epoch 1 is the newest checkpoint announced when the machine dies
+    # (a later announced one would be recorded by the next start, and resumed from).
+    toml = write_run(tmp_path, epochs=4, params={"step_s": 0.2,
+                                                 "faults": [{"kind": "hang", "attempt": 0, "epoch": 2, "step": 0}]})
     run_dir = tmp_path / "runs" / "run"
     proc = start_bg(toml)
     wait_for(lambda: any(f["fact"] == "checkpoint" and f["epoch"] == 1 for f in ledger(run_dir)),

@@ -12,7 +12,9 @@ from typing import IO
 
 class OutputPump:
     """One reader thread per pipe. Lines go to the console at once (the watchdog's loop never delays
-    them), to the attempt log, and into a queue the watchdog drains for classification."""
+    them), to the attempt log, and into a queue the watchdog drains for classification. A failed write
+    to the log never stops the pumping (a trainer blocked on a full pipe would look hung): the first
+    error is kept in `write_error` for the watchdog to act on."""
 
     def __init__(self, log_path, tail_lines: int = 200, echo: bool = True):
         self.lines: queue.Queue[tuple[str, str, float]] = queue.Queue()
@@ -21,6 +23,7 @@ class OutputPump:
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._echo = echo
+        self.write_error: OSError | None = None
 
     def attach(self, pipe: IO[bytes], name: str) -> None:
         t = threading.Thread(target=self._pump, args=(pipe, name), name=f"pump-{name}", daemon=True)
@@ -31,11 +34,15 @@ class OutputPump:
         console = sys.stdout if name == "stdout" else sys.stderr
         for raw in iter(pipe.readline, b""):
             now = time.monotonic()
+            line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
             with self._lock:
-                self._log.write(raw)
-                self._log.flush()
-                line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
                 self.tail.append(line)
+                if self.write_error is None:
+                    try:
+                        self._log.write(raw)
+                        self._log.flush()
+                    except (OSError, ValueError) as exc:  # disk full, run dir gone: keep the pipe flowing
+                        self.write_error = exc if isinstance(exc, OSError) else OSError(str(exc))
             if self._echo:
                 try:
                     console.write(line + "\n")
@@ -61,4 +68,7 @@ class OutputPump:
 
     def close(self) -> None:
         with self._lock:
-            self._log.close()
+            try:
+                self._log.close()
+            except OSError as exc:
+                self.write_error = self.write_error or exc
