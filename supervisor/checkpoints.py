@@ -11,6 +11,7 @@ start (reading a lost attempt's events after the watchdog died) both use it, so 
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -20,8 +21,10 @@ from pathlib import Path
 from typing import Any
 
 from supervisor import protocol as P
-from supervisor.durable import sha256_file
+from supervisor.durable import is_temp_name, sha256_file
 from supervisor.faults import Fault
+
+log = logging.getLogger("supervisor")
 
 # A checkpoint announced by a protocol trainer is hashed only once it has not changed for this long:
 # a file still being written in place (against the protocol) is not taken for a complete one.
@@ -47,6 +50,22 @@ def refusal(epoch: int, path: Path, start_epoch: int, epochs: int, expected: Pat
     if os.path.normpath(path) != os.path.normpath(expected):
         return f"{path} is not the run's checkpoint path for epoch {epoch} ({expected})"
     return None
+
+
+def remove_stale_temps(folder: Path, older_than: float | None = None) -> int:
+    """Delete the temp files of unfinished writes under `folder` (all, or those last written before the
+    unix time `older_than`); returns how many went."""
+    removed = 0
+    for path in folder.rglob(".*"):
+        try:
+            if is_temp_name(path.name) and (older_than is None or path.stat().st_mtime < older_than):
+                path.unlink()
+                removed += 1
+        except FileNotFoundError:
+            continue
+    if removed:
+        log.info("removed %d unfinished checkpoint write(s) left behind in %s", removed, folder)
+    return removed
 
 
 class Unsettled(OSError):

@@ -21,9 +21,9 @@ from filelock import FileLock, Timeout
 from supervisor import __version__, policy
 from supervisor import ledger as L
 from supervisor.attempt import Attempt, AttemptResult, AttemptSpec, event_rules
-from supervisor.checkpoints import ANNOUNCED_SETTLE_S, Announced, Observed, hash_settled
+from supervisor.checkpoints import ANNOUNCED_SETTLE_S, Announced, Observed, hash_settled, remove_stale_temps
 from supervisor.config import RunConfig
-from supervisor.durable import atomic_write, is_temp_name
+from supervisor.durable import atomic_write
 from supervisor.faults import Fault
 from supervisor.layout import RunLayout, describe_holder
 from supervisor.monitors.disk import free_bytes
@@ -176,21 +176,6 @@ class Watchdog:
             (self.run_dir / record.path).unlink(missing_ok=True)
             log.info("retention: removed checkpoint of epoch %d", epoch)
 
-    def remove_stale_temps(self, older_than: float | None = None) -> int:
-        """Delete temp files of unfinished checkpoint writes (all of them, or those last written before
-        the unix time `older_than`); returns how many went."""
-        removed = 0
-        for path in self.layout.checkpoints.rglob(".*"):
-            try:
-                if is_temp_name(path.name) and (older_than is None or path.stat().st_mtime < older_than):
-                    path.unlink()
-                    removed += 1
-            except FileNotFoundError:
-                continue
-        if removed:
-            log.info("removed %d unfinished checkpoint write(s) left behind", removed)
-        return removed
-
     def guard_disk(self, attempt: Attempt) -> None:
         """Below disk_min_free: prune old checkpoints and stale temp files; still below is `disk full`."""
         minimum = self.cfg.watch.disk_min_free
@@ -198,7 +183,7 @@ class Watchdog:
             return
         log.warning("free disk space below disk_min_free: pruning old checkpoints and unfinished writes")
         self.apply_retention(1)
-        self.remove_stale_temps(older_than=self._launched_wall - 2.0)
+        remove_stale_temps(self.layout.checkpoints, older_than=self._launched_wall - 2.0)
         if free_bytes(self.run_dir) < minimum:
             attempt.set_fault(Fault.DISK_FULL, f"free space below disk_min_free ({minimum} bytes)")
 
@@ -356,7 +341,7 @@ class Watchdog:
         self._resuming_from = load_epoch if load_epoch >= 0 else None
         self._high_water_at_start = view.high_water
         self._attempt_progressed = False
-        self.remove_stale_temps()  # no trainer runs now: every temp file is a dead attempt's
+        remove_stale_temps(self.layout.checkpoints)  # no trainer runs now: every temp file is a dead attempt's
         attempt = self._attempt = Attempt(cfg, self.run_dir, spec, echo=self.echo)
         self._launched_wall = time.time()
         argv = attempt.launch()
