@@ -55,9 +55,11 @@ def atomic_write(path: str | os.PathLike[str], write: Callable[[IO[bytes]], None
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(exc, OSError) and exc.filename is None:  # a write or fsync: name the file it was for
+            raise OSError(exc.errno, exc.strerror or str(exc), str(target)) from exc
         raise
     fsync_dir(target.parent)
     return target

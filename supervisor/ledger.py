@@ -72,6 +72,11 @@ class Ledger:
         self._facts = facts
         return warnings + skipped
 
+    @property
+    def opened(self) -> bool:
+        """True once open() repaired and loaded the ledger: only then may a fact be appended safely."""
+        return self._facts is not None
+
     def append(self, fact: str, **fields: Any) -> dict[str, Any]:
         if self._fenced is not None and self._fenced():
             raise Fenced(f"not writing '{fact}' to {self.path}: this supervisor lost the run's lease")

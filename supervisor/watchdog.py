@@ -245,7 +245,7 @@ class Watchdog:
                     "`supervisor start` again continues from the store, or starts afresh")
             code = EXIT_PAUSED
         log.error("%s", line)
-        if can_record:
+        if can_record and self.ledger.opened:  # never onto a torn tail that could not be set aside
             with contextlib.suppress(OSError, L.Fenced):  # not a give-up: fixed, the same start continues
                 self.ledger.append(L.RUN_ENDED, status=L.STATUS_PAUSED, diagnosis=line, not_uploaded=[])
         return code
@@ -404,6 +404,7 @@ class Watchdog:
             log.warning("not yet in %s (the next start uploads them): %s", self.store.describe(), ", ".join(missing))
         why = self._pause_why or why
         self.ledger.append(L.RUN_ENDED, status=status, diagnosis=why, not_uploaded=missing)
-        self.store.drain(min(budget, 30.0))  # the last ledger line itself
+        if not missing:  # the last ledger line itself; after a drain that timed out it would time out too
+            self.store.drain(min(budget, 30.0))
         log.info("run %s: %s (%s)", status, self.cfg.name, why)
         return code

@@ -95,12 +95,14 @@ class Background:
             self._threads.append(thread)
 
     def stop(self) -> bool:
-        """Stop the threads, waiting a moment for each; True if one is still stuck in a transfer."""
+        """Stop the threads, waiting 2 s for all of them together; True if one is still stuck in a transfer
+        (its daemon thread is abandoned: a pause must not wait on a store that does not answer)."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
+        deadline = time.monotonic() + 2.0
         for thread in self._threads:
-            thread.join(timeout=2)
+            thread.join(timeout=max(0.0, deadline - time.monotonic()))
         return any(thread.is_alive() for thread in self._threads)
 
     @property

@@ -300,8 +300,8 @@ class Lease:
     def stop(self, release: bool = True) -> None:
         """Stop renewing; with release, mark the lease free (only if it is still ours)."""
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=5)
+        if self._thread is not None:  # a renewal stuck on a store that does not answer is abandoned (daemon)
+            self._thread.join(timeout=5 if self.held() else 0.5)
         if not release or self.lost:
             return
         with self._lock:

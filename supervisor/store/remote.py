@@ -81,9 +81,12 @@ class RemoteStore(Store):
         """Stop the threads (an upload in flight is abandoned; drain() first) and release the lease."""
         stuck = self._work.stop()
         # An upload still in flight could land after a successor took the lease: then let it expire.
+        # So does a lease whose renewals fail (the store does not answer): releasing would only retry.
         if stuck:
             log.warning("a transfer is still running; the lease of run %s is left to expire", self.run)
-        self.lease.stop(release=not stuck)
+        elif not self.lease.held():
+            log.warning("the store does not answer; the lease of run %s is left to expire", self.run)
+        self.lease.stop(release=not stuck and self.lease.held())
         self.backend.close()
 
     def lost_lease(self) -> bool:
