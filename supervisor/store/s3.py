@@ -153,7 +153,7 @@ class S3Backend(ObjectBackend):
             text = text.replace(secret, "***")
         return text
 
-    def _classify(self, exc: BaseException, what: str) -> StoreError | PreconditionFailed:
+    def _classify(self, exc: BaseException, what: str) -> StoreError | PreconditionFailed | LocalFileChanged:
         """Turn a boto/network exception into PreconditionFailed, TransientStoreError or StoreError."""
         where = self._where
         if isinstance(exc, (StoreError, PreconditionFailed)):
@@ -193,6 +193,10 @@ class S3Backend(ObjectBackend):
                 return TransientStoreError(f"{where}: {what} failed with {code or status}")
             message = self._redact(str(err.get("Message", "")))
             return StoreError(f"{where}: {what} failed: {code or status} {message}".rstrip())
+        if isinstance(exc, FileNotFoundError) and exc.filename is not None:
+            # The local file went away (retention removed it while its upload was queued): nothing to
+            # retry, and not the store's fault.
+            return LocalFileChanged(f"{exc.filename} is gone")
         if isinstance(exc, bx.SSLError):
             return StoreError(f"TLS to {where} failed: check [storage] endpoint_url (http vs https, certificate)")
         if isinstance(exc, (*_NETWORK_ERRORS, OSError)):

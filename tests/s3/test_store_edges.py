@@ -423,3 +423,19 @@ def test_local_file_errors_neither_kill_nor_spin_the_threads(remote: Remote, tmp
     store.ledger_changed(ledger)
     assert store.drain(60) == []
     assert remote.backend("local-errors").get_bytes(LEDGER_KEY)[0] == ledger.read_bytes()
+
+
+def test_a_local_file_gone_mid_upload_is_not_taken_for_an_unreachable_store(weed: Weed) -> None:
+    """Retention may delete a checkpoint while its upload runs: s3transfer then raises FileNotFoundError.
+    That is no network fault: the upload is dropped at once instead of retried as 'cannot reach'."""
+    from supervisor.store.backend import LocalFileChanged
+    from supervisor.store.s3 import S3Backend
+
+    backend = S3Backend(storage_settings(weed), "gone-test")
+    try:
+        verdict = backend._classify(FileNotFoundError(2, "No such file or directory", "/x/epoch-0001.pt"), "upload")
+        assert isinstance(verdict, LocalFileChanged) and "epoch-0001.pt is gone" in str(verdict)
+        network = backend._classify(ConnectionRefusedError(111, "Connection refused"), "upload")
+        assert isinstance(network, TransientStoreError)
+    finally:
+        backend.close()
