@@ -79,12 +79,13 @@ def _signature(path: Path) -> tuple[int, int, int]:
 
 def hash_settled(path: Path, settle_s: float = ANNOUNCED_SETTLE_S, timeout_s: float = 120.0) -> tuple[int, str]:
     """(size, sha256) of a file whose size, mtime and inode held still for settle_s before and during the
-    hash; raises Unsettled past timeout_s, OSError when it cannot be read. Runs off the watch loop."""
+    hash (settle_s 0: only during it, whatever its mtime says); raises Unsettled past timeout_s, OSError
+    when it cannot be read. Runs off the watch loop."""
     deadline = time.monotonic() + timeout_s
     while True:
         before = _signature(path)
         age = time.time() - before[1] / 1e9
-        if age >= settle_s:
+        if settle_s <= 0 or age >= settle_s:
             digest = sha256_file(path)
             if _signature(path) == before:
                 return before[0], digest

@@ -153,16 +153,16 @@ class Watchdog:
         log.info("epoch %d checkpoint verified (%.1f MB, sha256 %s...)", epoch, size / 1e6, digest[:12])
         self.apply_retention(self.cfg.checkpoints.keep_last)
 
-    def _take(self, seen: Observed, attempt: int) -> None:
-        """Record what the attempt observed: metrics now, checkpoints once hashed."""
+    def _take(self, seen: Observed, attempt: int, settle_s: float = ANNOUNCED_SETTLE_S) -> None:
+        """Record what the attempt observed: metrics now, checkpoints once hashed (once they held still
+        for settle_s: 0 when their writer is known to be dead)."""
         for epoch, metrics in seen.metrics:
             self.ledger.append(L.METRICS, epoch=epoch, metrics=metrics)
         for line in seen.refused:
             log.warning("attempt %d: %s", attempt, line)
             self.ledger.append(L.NOTE, attempt=attempt, note=line)
-        settle = self.cfg.checkpoints.settle_s if self.cfg.trainer.mode == "zero-code" else ANNOUNCED_SETTLE_S
         for announced in seen.checkpoints:
-            self.hash_announced(announced, attempt, min(settle, ANNOUNCED_SETTLE_S))
+            self.hash_announced(announced, attempt, settle_s)
 
     def apply_retention(self, keep_last: int) -> None:
         c = self.cfg.checkpoints
@@ -264,7 +264,7 @@ class Watchdog:
         for ev in EventTail(self.layout.attempt_events(last.attempt)).poll():
             seen = rules.feed(ev, accepting=fault is None)
             fault = fault or seen.fault
-            self._take(seen, last.attempt)
+            self._take(seen, last.attempt, settle_s=0.0)  # the shim killed its writer with the watchdog
         self.record_hashed(wait=True)
         reason, detail = Fault.SESSION_LOST, "the supervisor driving it vanished"
         if fault is not None:
