@@ -24,6 +24,7 @@ import psutil
 from supervisor import protocol as P
 from supervisor.checkpoints import Announced, EventRules, Observed, expected_path, resolve_pattern
 from supervisor.config import RunConfig
+from supervisor.durable import atomic_write
 from supervisor.faults import Fault, classify_exit, classify_line, describe_exit, grace_s
 from supervisor.layout import RunLayout
 from supervisor.monitors.events import EventTail
@@ -52,10 +53,15 @@ class AttemptSpec:
     batch_divisor: int
     load_path: Path | None = None
     load_sha256: str | None = None
+    load_step: int | None = None  # a mid-epoch checkpoint: optimizer steps of load_epoch it holds
 
     @property
     def start_epoch(self) -> int:
-        return self.load_epoch + 1
+        return self.load_epoch if self.load_step is not None else self.load_epoch + 1
+
+    @property
+    def start_step(self) -> int:
+        return self.load_step or 0
 
 
 @dataclass
@@ -95,7 +101,11 @@ class Attempt:
         self.fault: Fault | None = None
         self.detail = ""
         self.detected_wall: float | None = None
-        self.rules = event_rules(cfg, run_dir, spec.start_epoch)
+        self.request_path = layout.attempt_request(spec.attempt)
+        self.rules = event_rules(cfg, run_dir, spec.start_epoch, spec.start_step)
+        self.requests: dict[int, tuple[str, float]] = {}  # id -> (reason, unix time asked)
+        self.served: dict[int, Announced] = {}  # request id -> the checkpoint that answered it
+        self._request_until: float | None = None  # a pause waits this long (monotonic) for its checkpoint
         self._previous_line: dict[str, str] = {}  # per stream, to skip the code a traceback quotes
         self.kill_at: float | None = None
         self._scanner: CheckpointScanner | None = None
@@ -141,6 +151,8 @@ class Attempt:
             P.ENV_SEED: str(s.seed),
             P.ENV_LOAD_EPOCH: str(s.load_epoch),
             P.ENV_START_EPOCH: str(s.start_epoch),
+            P.ENV_START_STEP: str(s.start_step),
+            P.ENV_CHECKPOINT_REQUEST: str(self.request_path),
             P.ENV_EPOCHS: str(self.cfg.epochs),
             P.ENV_ATTEMPT: str(s.attempt),
             P.ENV_PARAMS: str(self.params_path),
@@ -156,6 +168,7 @@ class Attempt:
         s = self.spec
         return {
             "seed": str(s.seed), "load_epoch": str(s.load_epoch), "start_epoch": str(s.start_epoch),
+            "start_step": str(s.start_step), "load_step": "" if s.load_step is None else str(s.load_step),
             "epochs": str(self.cfg.epochs), "run_dir": str(self.run_dir),
             "checkpoint_dir": str(self.checkpoint_dir), "attempt": str(s.attempt),
             "batch_divisor": str(s.batch_divisor), "load_path": str(s.load_path or ""),
@@ -233,11 +246,47 @@ class Attempt:
                 self._signal(signal.SIGTERM)
                 self.kill_at = time.monotonic() + grace_s
 
-    def enforce(self) -> None:
-        """Act on the named fault: start the stop with the fault's grace period, SIGKILL when it is over."""
+    # -- checkpoint requests ------------------------------------------------------------------
+
+    @property
+    def handles_requests(self) -> bool:
+        return self.rules.handles_requests
+
+    def request_checkpoint(self, reason: str, stop: bool = False) -> int | None:
+        """Ask the trainer for a checkpoint at its next optimizer step (and, with `stop`, to exit after it);
+        None when it did not declare that it handles requests. The file is replaced atomically."""
+        if not self.handles_requests or self.state not in ("running", "stopping"):
+            return None
+        rid = max(self.requests, default=0) + 1
+        atomic_write(self.request_path, lambda f: f.write(P.CheckpointRequest(rid, reason, stop).to_json()))
+        self.requests[rid] = (reason, time.time())
+        log.info("attempt %d: asked the trainer for a checkpoint (%s%s)", self.spec.attempt, reason,
+                 ", then to exit" if stop else "")  # fmt: skip
+        return rid
+
+    def outstanding(self) -> int | None:
+        """The newest request not yet answered by a checkpoint, or None."""
+        rid = max(self.requests, default=None)
+        return rid if rid is not None and rid not in self.served else None
+
+    def pause(self, fault: Fault, detail: str, budget_s: float) -> None:
+        """A pause from outside: when the trainer handles requests, ask it for a final checkpoint and to exit,
+        and wait up to budget_s for it before the SIGTERM; otherwise stop it as any fault (SIGTERM, grace)."""
+        self.set_fault(fault, detail)
+        if budget_s > 0 and self.request_checkpoint(fault.value, stop=True) is not None:
+            self._request_until = time.monotonic() + budget_s
+
+    def enforce(self, grace: float | None = None) -> None:
+        """Act on the named fault: start the stop with the fault's grace period (or `grace`), SIGKILL when it
+        is over. A pause that asked for a checkpoint first waits for it (or for its budget to run out)."""
         w = self.cfg.watch
         if self.fault is not None and self.kill_at is None:
-            self.stop(grace_s(self.fault, w.stop_grace_s, w.cuda_error_grace_s))
+            waiting = self._request_until is not None and time.monotonic() < self._request_until
+            if waiting and self.outstanding() is not None:
+                return
+            if grace is None:
+                grace = grace_s(self.fault, w.stop_grace_s, w.cuda_error_grace_s)
+            self.stop(grace)
         if self.kill_at is not None and time.monotonic() >= self.kill_at:
             self.kill_tree()
 
@@ -246,9 +295,13 @@ class Attempt:
     def _on_events(self, out: Observed) -> None:
         for ev in self._tail.poll():
             self._mark_activity(time.monotonic())
-            seen = self.rules.feed(ev, self.accepting)
+            seen = self.rules.feed(ev, self.accepting, time.time())
             if seen.fault is not None:
                 self.set_fault(*seen.fault)
+            for announced in seen.checkpoints:
+                rid = announced.data.get("request")
+                if isinstance(rid, int) and rid in self.requests:
+                    self.served[rid] = announced
             out.extend(seen)
         if self.rules.no_loss and not self._warned_no_loss:
             self._warned_no_loss = True
@@ -274,15 +327,14 @@ class Attempt:
         if w.nan_regex and re.search(w.nan_regex, line):
             self.set_fault(Fault.NAN, line.strip()[:300])
         elif m := re.search(w.loss_regex, line, re.IGNORECASE):
-            self.rules.steps += 1
+            self.rules.mark_step(time.time())
             value = P.to_number(m.group("loss"))
             if value is None or not math.isfinite(value):
                 self.set_fault(Fault.NAN, line.strip()[:300])
 
     def _found(self, files: list[tuple[int, Path]], out: Observed) -> None:
         for epoch, path in files:
-            self.rules.epoch = max(self.rules.epoch, epoch + 1)
-            out.checkpoints.append(Announced(epoch, path, {}))
+            out.checkpoints.append(self.rules.found(epoch, path, time.time()))
 
     def _mark_activity(self, at: float) -> None:
         self._last_activity = max(self._last_activity, at)
@@ -345,8 +397,8 @@ class Attempt:
         return result, out
 
 
-def event_rules(cfg: RunConfig, run_dir: Path, start_epoch: int) -> EventRules:
-    """The checkpoint rules of an attempt of this run that starts at `start_epoch`."""
+def event_rules(cfg: RunConfig, run_dir: Path, start_epoch: int, start_step: int = 0) -> EventRules:
+    """The checkpoint rules of an attempt of this run that starts at `start_epoch` (`start_step` into it)."""
     layout = RunLayout(run_dir)
     cwd = cfg.base_dir / (cfg.trainer.cwd or ".")
 
@@ -354,7 +406,8 @@ def event_rules(cfg: RunConfig, run_dir: Path, start_epoch: int) -> EventRules:
         path = Path(raw)
         return path if path.is_absolute() else cwd / path
 
-    def expected(epoch: int) -> Path:
-        return expected_path(cfg.checkpoints.pattern, epoch, layout.checkpoints, run_dir)
+    def expected(epoch: int, step: int | None = None) -> Path:
+        c = cfg.checkpoints
+        return expected_path(c.pattern, epoch, layout.checkpoints, run_dir, step, c.step_pattern)
 
-    return EventRules(start_epoch, cfg.epochs, expected, resolve)
+    return EventRules(start_epoch, cfg.epochs, expected, resolve, start_step)

@@ -15,6 +15,7 @@ import logging
 import math
 import os
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +24,7 @@ from typing import Any
 from supervisor import protocol as P
 from supervisor.durable import is_temp_name, sha256_file
 from supervisor.faults import Fault
+from supervisor.store.base import END_OF_EPOCH
 
 log = logging.getLogger("supervisor")
 
@@ -38,17 +40,31 @@ def resolve_pattern(pattern: str, checkpoint_dir: Path, run_dir: Path) -> str:
     return filled if os.path.isabs(filled) else str(checkpoint_dir / filled)
 
 
-def expected_path(pattern: str, epoch: int, checkpoint_dir: Path, run_dir: Path) -> Path:
-    """The run's checkpoint path for `epoch`."""
-    return Path(P.checkpoint_name(epoch, resolve_pattern(pattern, checkpoint_dir, run_dir)))
+def expected_path(pattern: str, epoch: int, checkpoint_dir: Path, run_dir: Path, step: int | None = None,
+                  step_pattern: str = P.DEFAULT_STEP_PATTERN) -> Path:  # fmt: skip
+    """The run's checkpoint path for the end of `epoch`, or for `step` optimizer steps into it."""
+    if step is None:
+        return Path(P.checkpoint_name(epoch, resolve_pattern(pattern, checkpoint_dir, run_dir)))
+    return Path(P.checkpoint_name(epoch, step=step, step_pattern=resolve_pattern(step_pattern, checkpoint_dir,
+                                                                                 run_dir)))  # fmt: skip
 
 
-def refusal(epoch: int, path: Path, start_epoch: int, epochs: int, expected: Path) -> str | None:
-    """Why an announced checkpoint cannot count, or None when it may be hashed."""
-    if not start_epoch <= epoch < epochs:
-        return f"epoch {epoch} is outside this attempt's epochs {start_epoch}..{epochs - 1}"
+def position(epoch: int, step: int | None) -> tuple[int, int]:
+    """Training order of a checkpoint: (E, S) for S steps into E, (E, END_OF_EPOCH) for E's end."""
+    return (epoch, END_OF_EPOCH if step is None else step)
+
+
+def refusal(epoch: int, path: Path, start: tuple[int, int], epochs: int, expected: Path,
+            step: int | None = None) -> str | None:  # fmt: skip
+    """Why an announced checkpoint cannot count, or None when it may be hashed. `start` is the attempt's
+    start position (start_epoch, start_step): a checkpoint must lie after it."""
+    if not start[0] <= epoch < epochs:
+        return f"epoch {epoch} is outside this attempt's epochs {start[0]}..{epochs - 1}"
+    if step is not None and position(epoch, step) <= start:
+        return f"step {step} of epoch {epoch} is not after the attempt's start (epoch {start[0]} step {start[1]})"
     if os.path.normpath(path) != os.path.normpath(expected):
-        return f"{path} is not the run's checkpoint path for epoch {epoch} ({expected})"
+        where = f"epoch {epoch}" if step is None else f"epoch {epoch} step {step}"
+        return f"{path} is not the run's checkpoint path for {where} ({expected})"
     return None
 
 
@@ -96,11 +112,27 @@ def hash_settled(path: Path, settle_s: float = ANNOUNCED_SETTLE_S, timeout_s: fl
 
 @dataclass(frozen=True)
 class Announced:
-    """A checkpoint the trainer said is complete (the watchdog hashes and records it)."""
+    """A checkpoint the trainer said is complete (the watchdog hashes and records it); `step` is set for
+    a mid-epoch one."""
 
     epoch: int
     path: Path
     data: dict[str, Any]
+    step: int | None = None
+
+    @property
+    def position(self) -> tuple[int, int]:
+        return position(self.epoch, self.step)
+
+    @property
+    def label(self) -> str:
+        return f"epoch {self.epoch}" if self.step is None else f"epoch {self.epoch} step {self.step}"
+
+    @property
+    def claims_sha256(self) -> bool:
+        """The trainer hashed the bytes it wrote: no need to wait for them to settle (the claim is checked)."""
+        claim = self.data.get("sha256")
+        return isinstance(claim, str) and len(claim) == 64
 
 
 @dataclass
@@ -119,38 +151,83 @@ class Observed:
         self.fault = self.fault or other.fault
 
 
+@dataclass(frozen=True)
+class Mark:
+    """Where an attempt stood when a checkpoint was announced: steps trained so far and the unix time."""
+
+    steps: int
+    t: float
+
+
 class EventRules:
     """Interprets the protocol events of one attempt (pure apart from `resolve`).
 
     `epoch` is the furthest epoch the attempt reached (for `failed_epoch`), `steps` counts step events.
     Events with an epoch outside start_epoch .. epochs-1 move nothing; a step whose loss is absent or
-    not a number counts as a step but says nothing about NaN.
+    not a number counts as a step but says nothing about NaN. `marks` remembers, per announced
+    checkpoint position, how far the attempt had trained (for the work a resume from there loses).
     """
 
-    def __init__(self, start_epoch: int, epochs: int, expected: Callable[[int], Path],
-                 resolve: Callable[[str], Path]) -> None:  # fmt: skip
+    def __init__(self, start_epoch: int, epochs: int, expected: Callable[[int, int | None], Path],
+                 resolve: Callable[[str], Path], start_step: int = 0) -> None:  # fmt: skip
         self.start_epoch = start_epoch
+        self.start_step = start_step
         self.epochs = epochs
         self.expected = expected
         self.resolve = resolve
         self.epoch = start_epoch
         self.steps = 0
         self.no_loss = 0  # step events without a numeric loss
-        self.announced: set[int] = set()
+        self.announced: set[tuple[int, int]] = set()  # positions
+        self.handles_requests = False  # the trainer declared it honours checkpoint requests
+        self.first_step_t: float | None = None
+        self.last_step_t: float | None = None
+        self.marks: dict[tuple[int, int], Mark] = {}
+        self.step_times: deque[float] = deque(maxlen=64)  # the latest steps' times, for the time per step
+
+    @property
+    def start(self) -> tuple[int, int]:
+        return (self.start_epoch, self.start_step)
 
     def in_range(self, epoch: int | None) -> bool:
         return epoch is not None and self.start_epoch <= epoch < self.epochs
 
-    def feed(self, ev: P.Event, accepting: bool) -> Observed:
-        """One event; `accepting` is False once a trainer-caused fault was named (nothing after counts)."""
+    def lost_since(self, resume: tuple[int, int]) -> tuple[int, float]:
+        """(steps, seconds) this attempt trained after the position `resume`: from its mark when this
+        attempt announced that checkpoint, else everything since its first step."""
+        last = self.last_step_t
+        if last is None:
+            return 0, 0.0
+        mark = self.marks.get(resume)
+        if mark is not None:
+            return max(0, self.steps - mark.steps), max(0.0, last - mark.t)
+        return self.steps, max(0.0, last - (self.first_step_t or last))
+
+    def mark_step(self, t: float) -> None:
+        self.steps += 1
+        self.first_step_t = t if self.first_step_t is None else self.first_step_t
+        self.last_step_t = t
+        self.step_times.append(t)
+
+    def last_checkpoint_t(self) -> float | None:
+        """When this attempt last announced a checkpoint (unix time), or None."""
+        return max((m.t for m in self.marks.values()), default=None)
+
+    def feed(self, ev: P.Event, accepting: bool, now: float | None = None) -> Observed:
+        """One event; `accepting` is False once a trainer-caused fault was named (nothing after counts).
+        `now` (unix time it arrived) stands in for an event without a numeric `t`."""
         out = Observed()
         if not accepting:
             return out
         d = ev.data
+        t = P.to_number(d.get("t"))
+        t = t if t is not None and math.isfinite(t) else (time.time() if now is None else now)
+        if ev.kind == P.EVENT_HEARTBEAT and isinstance(d.get(P.HANDLES), list):
+            self.handles_requests = self.handles_requests or P.CAPABILITY_CHECKPOINT_REQUEST in d[P.HANDLES]
         if ev.kind in (P.EVENT_STEP, P.EVENT_EVAL) and self.in_range(ev.epoch):
             self.epoch = max(self.epoch, ev.epoch)
         if ev.kind == P.EVENT_STEP:
-            self.steps += 1
+            self.mark_step(t)
             loss = ev.loss
             if loss is None:
                 self.no_loss += 1
@@ -167,22 +244,35 @@ class EventRules:
             elif self.in_range(ev.epoch):
                 out.metrics.append((ev.epoch, numbers))
         elif ev.kind == P.EVENT_CHECKPOINT:
-            out.extend(self._checkpoint(ev))
+            out.extend(self._checkpoint(ev, t))
         return out
 
-    def _checkpoint(self, ev: P.Event) -> Observed:
+    def found(self, epoch: int, path: Path, t: float) -> Announced:
+        """A checkpoint of `epoch`'s end found without an announcement (zero-code mode)."""
+        self.epoch = max(self.epoch, epoch + 1)
+        self.marks[position(epoch, None)] = Mark(self.steps, t)
+        return Announced(epoch, path, {})
+
+    def _checkpoint(self, ev: P.Event, t: float) -> Observed:
         out = Observed()
-        raw = ev.data.get("path")
+        raw, step = ev.data.get("path"), ev.data.get("step")
         if ev.epoch is None or not isinstance(raw, str) or not raw or "\0" in raw:
             out.refused.append(f"checkpoint event without an integer epoch and a path: {str(ev.data)[:200]}")
             return out
-        path = self.resolve(raw)
-        why = refusal(ev.epoch, path, self.start_epoch, self.epochs, self.expected(ev.epoch))
-        if why is not None:
-            out.refused.append(f"checkpoint of epoch {ev.epoch} not counted: {why}")
+        if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 1):
+            out.refused.append(f"checkpoint of epoch {ev.epoch} not counted: step {step!r} is not a whole number of "
+                               "optimizer steps >= 1 (leave 'step' out for the end of the epoch)")  # fmt: skip
             return out
-        if ev.epoch not in self.announced:
-            self.announced.add(ev.epoch)
-            self.epoch = max(self.epoch, ev.epoch + 1)
-            out.checkpoints.append(Announced(ev.epoch, path, ev.data))
+        path = self.resolve(raw)
+        why = refusal(ev.epoch, path, self.start, self.epochs, self.expected(ev.epoch, step), step)
+        if why is not None:
+            where = f"epoch {ev.epoch}" if step is None else f"epoch {ev.epoch} step {step}"
+            out.refused.append(f"checkpoint of {where} not counted: {why}")
+            return out
+        pos = position(ev.epoch, step)
+        self.marks.setdefault(pos, Mark(self.steps, t))  # also for one recorded already (a lost attempt's)
+        if pos not in self.announced:
+            self.announced.add(pos)
+            self.epoch = max(self.epoch, ev.epoch + 1 if step is None else ev.epoch)
+            out.checkpoints.append(Announced(ev.epoch, path, ev.data, step))
         return out

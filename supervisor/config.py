@@ -23,12 +23,12 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from supervisor.faults import Fault
-from supervisor.protocol import DEFAULT_CHECKPOINT_PATTERN, checkpoint_regex
+from supervisor.protocol import DEFAULT_CHECKPOINT_PATTERN, DEFAULT_STEP_PATTERN, checkpoint_regex
 from supervisor.store.settings import StorageSettings
 
 PLACEHOLDERS = (
     "seed", "load_epoch", "start_epoch", "epochs", "run_dir", "checkpoint_dir",
-    "attempt", "batch_divisor", "load_path", "params", "python",
+    "attempt", "batch_divisor", "load_path", "params", "python", "start_step", "load_step",
 )  # fmt: skip
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
@@ -193,6 +193,12 @@ class CheckpointsConfig(_Strict):
     best_mode: Literal["max", "min"] = "max"
     pattern: str = DEFAULT_CHECKPOINT_PATTERN
     settle_s: Grace = 2.0
+    # Mid-epoch checkpoints (asked for before a pause, or every `every_s`): `{epoch}` and `{step}`.
+    step_pattern: str = DEFAULT_STEP_PATTERN
+    # Ask for a mid-epoch checkpoint when this much training time passed since the last checkpoint;
+    # "auto": choose the interval from measured save and upload costs so they stay under auto_overhead.
+    every_s: Annotated[float, Field(ge=1, le=WEEK)] | Literal["auto"] | None = None
+    auto_overhead: Annotated[float, Field(gt=0, le=0.5)] = 0.035
 
     @field_validator("pattern")
     @classmethod
@@ -204,16 +210,53 @@ class CheckpointsConfig(_Strict):
             raise ValueError(f"expected a file pattern with an {{epoch}} placeholder ({exc})") from None
         return v
 
+    @field_validator("step_pattern")
+    @classmethod
+    def _step_pattern(cls, v: str) -> str:
+        try:
+            filled = v.format(epoch=0, step=1, checkpoint_dir="d", run_dir="d")
+            ok = filled != v.format(epoch=0, step=2, checkpoint_dir="d", run_dir="d") and filled != v.format(
+                epoch=1, step=1, checkpoint_dir="d", run_dir="d")  # fmt: skip
+        except (ValueError, KeyError, IndexError) as exc:
+            raise ValueError(f"expected a file pattern with {{epoch}} and {{step}} placeholders ({exc})") from None
+        if not ok:
+            raise ValueError("expected a file pattern with both {epoch} and {step} placeholders")
+        return v
+
+    @model_validator(mode="after")
+    def _distinct(self) -> CheckpointsConfig:
+        if self.step_pattern.format(epoch=0, step=1, checkpoint_dir="d", run_dir="d") == self.pattern.format(
+                epoch=0, checkpoint_dir="d", run_dir="d"):  # fmt: skip
+            raise ValueError("checkpoints.step_pattern: names the same file as checkpoints.pattern; make them differ")
+        return self
+
 
 class PlatformConfig(_Strict):
     session_limit_s: Annotated[float, Field(gt=0)] | None = None
-    stop_margin_s: Annotated[float, Field(ge=0)] = 900.0
+    # Pause at least this long before the session limit; the deadline plan asks for more when the measured
+    # step, save and upload times need it.
+    stop_margin_s: Annotated[float, Field(ge=0)] = 120.0
+    # How long the process that sends us SIGTERM waits before SIGKILL (docker stop: 10 s, Kubernetes: 30 s);
+    # None: unknown, the pause takes stop_grace_s and drain_timeout_s as configured.
+    sigterm_grace_s: Annotated[float, Field(gt=0, le=WEEK)] | None = None
+    # Upload speed to assume before one was measured (bytes per second, e.g. "20MB"), for the plan.
+    upload_speed: int | float | None = None
     detect: Literal["auto", "generic", "kaggle", "colab"] = "auto"
     spot: Literal["off", "auto", "aws", "gcp", "azure"] = "auto"
     # Each poll is a request to the metadata service; notices come at most 2 min ahead (AWS), so a
     # slower poll could never see one in time.
     notice_poll_s: Annotated[float, Field(ge=0.1, le=120)] = 5.0
     metadata_url: str | None = None
+
+    @field_validator("upload_speed", mode="before")
+    @classmethod
+    def _speed(cls, v: Any) -> Any:
+        if v is None:
+            return None
+        speed = parse_size(v, "bytes per second, e.g. 20MB")
+        if isinstance(speed, float):
+            raise ValueError("expected bytes per second such as 20MB, not a percentage")
+        return speed
 
     @model_validator(mode="after")
     def _margin(self) -> PlatformConfig:

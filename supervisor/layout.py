@@ -10,6 +10,7 @@
       checkpoints/                 the trainer's checkpoint files (SUPERVISOR_CHECKPOINT_DIR)
       attempts/attempt-NNNN.log            the attempt's stdout and stderr
       attempts/attempt-NNNN.events.jsonl   the attempt's events (SUPERVISOR_EVENTS)
+      attempts/attempt-NNNN.request.json   the watchdog's checkpoint request (SUPERVISOR_CHECKPOINT_REQUEST)
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ class RunLayout:
 
     def attempt_events(self, attempt: int) -> Path:
         return self.attempts / f"attempt-{attempt:04d}.events.jsonl"
+
+    def attempt_request(self, attempt: int) -> Path:
+        return self.attempts / f"attempt-{attempt:04d}.request.json"
 
 
 def holder_info(run_dir: Path) -> dict[str, Any]:

@@ -34,6 +34,8 @@ CHECKPOINT_UNAVAILABLE = "checkpoint_unavailable"
 METRICS = "metrics"
 RUN_ENDED = "run_ended"
 NOTE = "note"
+WORK_LOST = "work_lost"  # attempt, steps, seconds, resume_epoch, resume_step: trained after the resume point
+PLAN = "plan"  # measured costs (step_s, save_s, size, upload_bps) and the checkpoint interval chosen
 
 STATUS_RUNNING = "running"
 STATUS_PAUSED = "paused"
@@ -182,6 +184,13 @@ class AttemptView:
     progressed: bool = False
     tail: list[str] = field(default_factory=list)
     ended_at: float | None = None
+    load_step: int | None = None  # steps into load_epoch of a mid-epoch checkpoint; None: its end
+    lost_steps: int | None = None  # trained after the point the next attempt resumed from
+    lost_s: float | None = None
+
+    @property
+    def start_step(self) -> int:
+        return self.load_step or 0
 
 
 @dataclass
@@ -197,6 +206,13 @@ class RunView:
     budget_start: int = 0  # attempts before this index were judged by an earlier give-up
     removed: list[tuple[int, str]] = field(default_factory=list)  # (epoch, sha256) retention let go
     skipped: list[str] = field(default_factory=list)  # facts of the wrong shape, not folded
+    partials: dict[tuple[int, int], CheckpointRecord] = field(default_factory=dict)  # mid-epoch, by (epoch, step)
+    plan: dict[str, Any] = field(default_factory=dict)  # the last `plan` fact's fields
+
+    def newest(self) -> CheckpointRecord | None:
+        """The newest verified checkpoint, mid-epoch or not (training order)."""
+        records = [*self.checkpoints.values(), *self.partials.values()]
+        return max(records, key=lambda r: r.position, default=None)
 
     @property
     def next_attempt(self) -> int:
@@ -217,9 +233,10 @@ class RunView:
     def restart_rows(self) -> list[dict[str, Any]]:
         """The table the user used to keep by hand: epoch | load_epoch | seed | reason."""
         return [
-            {"epoch": a.start_epoch, "load_epoch": a.load_epoch, "seed": a.seed, "reason": a.reason}
+            {"epoch": a.start_epoch, "load_epoch": a.load_epoch, "load_step": a.load_step, "seed": a.seed,
+             "reason": a.reason}
             for a in self.attempts
-        ]
+        ]  # fmt: skip
 
     def best(self, metric: str, mode: str = "max") -> tuple[float, int] | None:
         """(value, epoch) of the best finite `metric` among evaluated epochs."""
@@ -249,6 +266,7 @@ def _apply(view: RunView, by_id: dict[int, AttemptView], f: dict[str, Any]) -> N
     kind = f.get("fact")
     if kind == ATTEMPT_STARTED:
         load_epoch = _int(f["load_epoch"])
+        load_step = None if f.get("load_step") is None else _int(f["load_step"])
         a = AttemptView(
             attempt=_int(f["attempt"]),
             seed=_int(f["seed"]),
@@ -259,6 +277,7 @@ def _apply(view: RunView, by_id: dict[int, AttemptView], f: dict[str, Any]) -> N
             started_at=float(f.get("ts", 0.0)),
             host=str(f.get("host", "")),
             pid=f.get("pid") if isinstance(f.get("pid"), int) else None,
+            load_step=load_step,
         )
         by_id[a.attempt] = a
         view.attempts.append(a)
@@ -280,19 +299,31 @@ def _apply(view: RunView, by_id: dict[int, AttemptView], f: dict[str, Any]) -> N
         for key, value in ended.items():
             setattr(a, key, value)
     elif kind == CHECKPOINT:
-        rec = CheckpointRecord(_int(f["epoch"]), str(f["path"]), _int(f["size"]), str(f["sha256"]))
-        if rec.epoch < 0 or rec.size < 0:
-            raise ValueError(f"checkpoint of epoch {rec.epoch}, size {rec.size}")
-        view.checkpoints[rec.epoch] = rec
-        view.high_water = max(view.high_water, rec.epoch)
+        step = None if f.get("step") is None else _int(f["step"])
+        rec = CheckpointRecord(_int(f["epoch"]), str(f["path"]), _int(f["size"]), str(f["sha256"]), step)
+        if rec.epoch < 0 or rec.size < 0 or (step is not None and step < 1):
+            raise ValueError(f"checkpoint of epoch {rec.epoch} step {step}, size {rec.size}")
+        if step is None:
+            view.checkpoints[rec.epoch] = rec
+            view.high_water = max(view.high_water, rec.epoch)
+        else:
+            view.partials[(rec.epoch, step)] = rec
         view.removed = [r for r in view.removed if r != (rec.epoch, rec.sha256)]
     elif kind in (CHECKPOINT_REMOVED, CHECKPOINT_UNAVAILABLE):
         epoch = _int(f["epoch"])
-        rec = view.checkpoints.get(epoch)
+        step = None if f.get("step") is None else _int(f["step"])
+        held = view.checkpoints if step is None else view.partials
+        key = epoch if step is None else (epoch, step)
+        rec = held.get(key)
         if rec is not None and rec.sha256 == f.get("sha256", rec.sha256):
-            del view.checkpoints[rec.epoch]
+            del held[key]
             if kind == CHECKPOINT_REMOVED:
                 view.removed.append((rec.epoch, rec.sha256))
+    elif kind == WORK_LOST:
+        a = by_id[_int(f["attempt"])]
+        a.lost_steps, a.lost_s = _int(f["steps"]), float(f["seconds"])
+    elif kind == PLAN:
+        view.plan = {k: v for k, v in f.items() if k not in ("fact", "ts")}
     elif kind == METRICS:
         metrics = f.get("metrics", {})
         if not isinstance(metrics, dict):

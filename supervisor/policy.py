@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from supervisor.config import RestartConfig
 from supervisor.faults import NORMAL_START, Fault
-from supervisor.ledger import AttemptView, RunView
+from supervisor.ledger import STATUS_GAVE_UP, AttemptView, RunView
 
 # Faults that are not the trainer's doing: they pause or resume, and spend no restart budget.
 EXTERNAL = frozenset(f for f in Fault if f.external)
@@ -19,7 +19,8 @@ EXTERNAL = frozenset(f for f in Fault if f.external)
 
 @dataclass(frozen=True)
 class Launch:
-    """Start an attempt: resume from load_epoch (-1 fresh) with seed, after delay_s."""
+    """Start an attempt: resume from load_epoch (-1 fresh) with seed, after delay_s; with load_step,
+    from the mid-epoch checkpoint `load_step` optimizer steps into load_epoch (training resumes there)."""
 
     load_epoch: int
     seed: int
@@ -27,10 +28,11 @@ class Launch:
     delay_s: float = 0.0
     batch_divisor: int = 1
     note: str = ""
+    load_step: int | None = None
 
     @property
     def start_epoch(self) -> int:
-        return self.load_epoch + 1
+        return self.load_epoch if self.load_step is not None else self.load_epoch + 1
 
 
 @dataclass(frozen=True)
@@ -110,6 +112,19 @@ def resume_epoch(view: RunView, before: int, rollback: int = 0) -> int:
     return candidates[max(0, len(candidates) - 1 - rollback)]
 
 
+def exact_resume(view: RunView, fault: Fault | None) -> Launch | None:
+    """After a pause (stopped, time limit, preempted), or a lost session that left a mid-epoch checkpoint
+    newer than every epoch end: continue from the newest checkpoint with the same seed, so the run goes
+    on as if it had never stopped. None when the rule does not apply (faults keep the log's rule)."""
+    last, newest = view.last, view.newest()
+    if last is None or newest is None or fault is None:
+        return None
+    if not (fault.pauses or (fault is Fault.SESSION_LOST and newest.step is not None)):
+        return None
+    return Launch(load_epoch=newest.epoch, load_step=newest.step, seed=last.seed, reason=fault.value,
+                  batch_divisor=last.batch_divisor)  # fmt: skip
+
+
 def first_launch(view: RunView, pool: list[int], name: str, epochs: int) -> Decision:
     """What to do when the supervisor starts on a run: begin, continue after a pause or lost session."""
     if is_complete(view, epochs):
@@ -119,9 +134,12 @@ def first_launch(view: RunView, pool: list[int], name: str, epochs: int) -> Deci
     divisor = last.batch_divisor if last else 1
     if last is None:
         return Launch(load_epoch=-1, seed=seed, reason=NORMAL_START)
-    reason = last.fault or Fault.SESSION_LOST.value
+    fault = _fault_of(last) or Fault.SESSION_LOST
+    exact = exact_resume(view, fault) if view.status != STATUS_GAVE_UP else None
+    if exact is not None:
+        return exact
     load = resume_epoch(view, before=epochs)
-    return Launch(load_epoch=load, seed=seed, reason=reason, batch_divisor=divisor)
+    return Launch(load_epoch=load, seed=seed, reason=fault.value, batch_divisor=divisor)
 
 
 def decide(view: RunView, cfg: RestartConfig, pool: list[int], name: str, epochs: int, u: float) -> Decision:

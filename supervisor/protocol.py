@@ -26,6 +26,10 @@ ENV_BATCH_DIVISOR = "SUPERVISOR_BATCH_DIVISOR"
 # Extensions: where the checkpoint to load lies and the sha256 it must have.
 ENV_LOAD_PATH = "SUPERVISOR_LOAD_PATH"
 ENV_LOAD_SHA256 = "SUPERVISOR_LOAD_SHA256"
+# Mid-epoch resume (fixed surface): optimizer steps of SUPERVISOR_START_EPOCH already trained; 0 at a boundary.
+ENV_START_STEP = "SUPERVISOR_START_STEP"
+# Extension: the file the watchdog writes a checkpoint request into (see CheckpointRequest).
+ENV_CHECKPOINT_REQUEST = "SUPERVISOR_CHECKPOINT_REQUEST"
 
 # Event kinds (fixed surface).
 EVENT_STEP = "step"
@@ -35,6 +39,12 @@ EVENT_HEARTBEAT = "heartbeat"
 EVENT_KINDS = frozenset({EVENT_STEP, EVENT_EVAL, EVENT_CHECKPOINT, EVENT_HEARTBEAT})
 
 DEFAULT_CHECKPOINT_PATTERN = "epoch-{epoch:04d}.pt"
+# Mid-epoch checkpoints: `step` optimizer steps of `epoch` trained.
+DEFAULT_STEP_PATTERN = "epoch-{epoch:04d}-step-{step:08d}.pt"
+# A trainer that honours checkpoint requests says so once, early, in a heartbeat:
+#   {"event":"heartbeat","handles":["checkpoint_request"]}
+HANDLES = "handles"
+CAPABILITY_CHECKPOINT_REQUEST = "checkpoint_request"
 
 _NONFINITE_STRINGS = {
     "nan": math.nan,
@@ -49,9 +59,42 @@ _NONFINITE_STRINGS = {
 }
 
 
-def checkpoint_name(epoch: int, pattern: str = DEFAULT_CHECKPOINT_PATTERN) -> str:
-    """File name (or relative path) of the checkpoint of `epoch` under `pattern`."""
-    return pattern.format(epoch=epoch)
+def checkpoint_name(epoch: int, pattern: str = DEFAULT_CHECKPOINT_PATTERN, step: int | None = None,
+                    step_pattern: str = DEFAULT_STEP_PATTERN) -> str:  # fmt: skip
+    """File name (or relative path) of the checkpoint of `epoch` (its end), or of `step` steps into it."""
+    if step is None:
+        return pattern.format(epoch=epoch)
+    return step_pattern.format(epoch=epoch, step=step)
+
+
+@dataclass(frozen=True)
+class CheckpointRequest:
+    """What the watchdog asks of a trainer that handles requests, written atomically as JSON into
+    $SUPERVISOR_CHECKPOINT_REQUEST: save a checkpoint at the next optimizer step and announce it with
+    `"request": id`; with `stop`, exit (code 0) once it is announced. Ids grow within an attempt."""
+
+    id: int
+    reason: str
+    stop: bool = False
+
+    def to_json(self) -> bytes:
+        return json.dumps({"id": self.id, "reason": self.reason, "stop": self.stop}).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes | str) -> CheckpointRequest | None:
+        """The request in `data`, or None when it is not a whole, well-formed request."""
+        try:
+            obj = json.loads(data)
+        except ValueError:
+            return None
+        if not isinstance(obj, dict):
+            return None
+        rid, reason, stop = obj.get("id"), obj.get("reason", ""), obj.get("stop", False)
+        if isinstance(rid, bool) or not isinstance(rid, int) or not isinstance(reason, str):
+            return None
+        if not isinstance(stop, bool):
+            return None
+        return cls(rid, reason, stop)
 
 
 def checkpoint_regex(pattern: str = DEFAULT_CHECKPOINT_PATTERN) -> re.Pattern[str]:

@@ -37,9 +37,18 @@ def build(run_dir: Path, name: str, running: bool, best_metric: str | None = Non
         attempts.append({
             "attempt": a.attempt, "epoch": a.start_epoch, "load_epoch": a.load_epoch, "seed": a.seed,
             "reason": a.reason, "ended_by": a.fault, "exit": a.exit, "failed_epoch": a.failed_epoch,
-            "steps": a.steps, "batch_divisor": a.batch_divisor, "host": a.host,
+            "load_step": a.load_step, "steps": a.steps, "batch_divisor": a.batch_divisor, "host": a.host,
             "duration_s": round(a.ended_at - a.started_at, 1) if a.ended_at else None,
+            "lost_steps": a.lost_steps, "lost_s": a.lost_s,
         })  # fmt: skip
+    lost: dict[str, dict[str, Any]] = {}
+    for a in view.attempts:
+        if a.lost_steps is not None and a.fault:
+            row = lost.setdefault(a.fault, {"attempts": 0, "steps": 0, "seconds": 0.0})
+            row["attempts"] += 1
+            row["steps"] += a.lost_steps
+            row["seconds"] = round(row["seconds"] + (a.lost_s or 0.0), 3)
+    plan = view.plan
     return {
         "name": name,
         "status": status,
@@ -48,6 +57,11 @@ def build(run_dir: Path, name: str, running: bool, best_metric: str | None = Non
         "checkpoints": view.verified_epochs(),
         "checkpoint_files": {e: {"path": r.path, "size": r.size, "sha256": r.sha256}
                              for e, r in sorted(view.checkpoints.items())},  # fmt: skip
+        "mid_epoch_checkpoints": [{"epoch": r.epoch, "step": r.step, "path": r.path, "size": r.size, "sha256": r.sha256}
+                                  for _, r in sorted(view.partials.items())],  # fmt: skip
+        "work_lost": lost,
+        "checkpointing": {"every_s": plan.get("every_s"), "why": plan.get("why"),
+                          "costs": {k: plan.get(k) for k in ("step_s", "save_s", "stall_s", "size", "upload_bps")}},
         "best": best,
         "metrics": {e: {k: _finite(v) for k, v in m.items()} for e, m in sorted(view.metrics.items())},
         "attempts": attempts,
@@ -65,9 +79,19 @@ def to_markdown(rep: dict) -> str:
         out.append(f"* {b['mode']} {metric}: {shown} @ epoch {b['epoch']}")
     ck = rep["checkpoints"]
     out.append(f"* verified checkpoints: {', '.join(map(str, ck)) if ck else 'none'}")
+    for m in rep.get("mid_epoch_checkpoints", []):
+        out.append(f"* mid-epoch checkpoint: epoch {m['epoch']} step {m['step']}")
+    every = rep.get("checkpointing", {}).get("every_s")
+    if every is not None:
+        why = rep["checkpointing"].get("why")
+        out.append(f"* checkpoints every {every:g}s of training" + (f" ({why})" if why else ""))
+    for reason, w in rep.get("work_lost", {}).items():
+        out.append(f"* work lost to '{reason}': {w['steps']} steps, {w['seconds']:.1f}s of training over "
+                   f"{w['attempts']} attempt(s)")
     out += ["", "| epoch | load_epoch | seed | reason |", "| :---: | :---: | :---: | :---: |"]
     for r in rep["restarts"]:
-        out.append(f"| {r['epoch']} | {r['load_epoch']} | {r['seed']} | {r['reason']} |")
+        load = r["load_epoch"] if r.get("load_step") is None else f"{r['load_epoch']} @ step {r['load_step']}"
+        out.append(f"| {r['epoch']} | {load} | {r['seed']} | {r['reason']} |")
     return "\n".join(out) + "\n"
 
 

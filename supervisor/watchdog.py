@@ -19,9 +19,18 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from filelock import FileLock, Timeout
 
 from supervisor import __version__, policy
+from supervisor import deadline as D
 from supervisor import ledger as L
 from supervisor.attempt import Attempt, AttemptResult, AttemptSpec, event_rules
-from supervisor.checkpoints import ANNOUNCED_SETTLE_S, Announced, Observed, hash_settled, remove_stale_temps
+from supervisor.checkpoints import (
+    ANNOUNCED_SETTLE_S,
+    Announced,
+    EventRules,
+    Observed,
+    hash_settled,
+    position,
+    remove_stale_temps,
+)
 from supervisor.config import RunConfig
 from supervisor.durable import atomic_write
 from supervisor.faults import Fault
@@ -31,7 +40,7 @@ from supervisor.monitors.events import EventTail
 from supervisor.oserrors import describe_os_error
 from supervisor.platforms import Platform, detect
 from supervisor.platforms.notices import NoticePoller
-from supervisor.store.base import CheckpointRecord, Store, StoreError
+from supervisor.store.base import END_OF_EPOCH, CheckpointRecord, Store, StoreError
 
 log = logging.getLogger("supervisor")
 
@@ -70,11 +79,20 @@ class Watchdog:
         self._last_tick = time.monotonic()
         self._pending: list[tuple[Announced, int, Future]] = []
         self._hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256")
+        self._deadline: float | None = None  # unix time the machine goes away, once a pause knows it
+        self.costs = D.Costs()  # measured this session; earlier sessions' in the ledger's plan facts
+        self._interval: float | None = None  # every_s = "auto": the interval chosen last
+        self._interval_measured = False  # ... from measured costs (not the first probe)
+        self._lost_rules: tuple[int, EventRules] | None = None  # a lost attempt's events, for its work lost
+        self._earlier_costs = D.Costs()
 
     # -- outside requests ---------------------------------------------------------------------
 
     def _on_signal(self, signum: int, frame: object) -> None:
         self._signals += 1
+        grace = self.cfg.platform.sigterm_grace_s
+        if self._signals == 1 and grace is not None and signum == signal.SIGTERM:
+            self._deadline = time.time() + grace  # SIGKILL follows: everything must be committed before it
         self._stop = Fault.STOPPED
         log.warning("received %s: stopping the trainer, then pausing the run", signal.Signals(signum).name)
         if self._signals > 1 and self._attempt is not None:
@@ -94,13 +112,85 @@ class Watchdog:
             log.warning("stop requested (supervisor stop): pausing the run")
             self._stop = Fault.STOPPED
         if self._stop is None and (notice := self.notices.notice()) is not None:
-            log.warning("%s: pausing the run so it can resume on another machine", notice)
+            self._deadline = self.notices.deadline
+            left = f" ({self._deadline - time.time():.0f}s left)" if self._deadline else ""
+            log.warning("%s%s: pausing the run so it can resume on another machine", notice, left)
             self._stop = Fault.PREEMPTED
-        deadline = self.platform.deadline(self.cfg.platform.stop_margin_s)
-        if self._stop is None and deadline is not None and time.time() >= deadline:
-            log.warning("%s session limit is near: pausing the run so it can resume elsewhere", self.platform.name)
-            self._stop = Fault.TIME_LIMIT
+        end = self.platform.session_end
+        if self._stop is None and end is not None:
+            margin = D.time_limit_margin(self.current_costs(), self.cfg.platform.stop_margin_s, self._backlog())
+            if time.time() >= end - margin:
+                log.warning("%s session limit is near (%.0fs left, the final checkpoint needs %.0fs): pausing the "
+                            "run so it can resume elsewhere", self.platform.name, end - time.time(),
+                            margin)  # fmt: skip
+                self._deadline = end
+                self._stop = Fault.TIME_LIMIT
         return self._stop
+
+    # -- the deadline plan ----------------------------------------------------------------------
+
+    def _backlog(self) -> int:
+        return self.store.backlog_bytes()
+
+    def current_costs(self) -> D.Costs:
+        """What this session measured, the rest from earlier sessions (the ledger's plan) or the config."""
+        costs = self.costs
+        rate = self.store.upload_rate()
+        if rate:
+            costs.upload_bps = rate
+        attempt = self._attempt
+        if attempt is not None and (step_s := D.median_interval(attempt.rules.step_times)) is not None:
+            costs.step_s = step_s
+        merged = costs.merged(self._earlier_costs)
+        if merged.upload_bps is None and self.cfg.platform.upload_speed:
+            merged.upload_bps = float(self.cfg.platform.upload_speed)
+        return merged
+
+    def _time_left(self) -> float | None:
+        return None if self._deadline is None else self._deadline - time.time()
+
+    def _pause_grace(self) -> float | None:
+        """The SIGTERM-to-SIGKILL grace of a pause with a deadline: what is left before the upload must start."""
+        left = self._time_left()
+        if left is None:
+            return None
+        budget = D.pause_budget(left, self.current_costs(), self._backlog(), self.cfg.watch.stop_grace_s)
+        return min(self.cfg.watch.stop_grace_s, budget)
+
+    def _measure(self, announced: Announced, attempt: Attempt | None) -> None:
+        """What saving `announced` cost: the trainer's own figures (stall_s, write_s), else the time from the
+        request to the announcement."""
+        d = announced.data
+        stall, write = D.seconds(d.get("stall_s")), D.seconds(d.get("write_s"))
+        if stall is not None:
+            self.costs.stall_s = stall
+            self.costs.save_s = stall + (write or 0.0)
+        elif attempt is not None and isinstance(rid := d.get("request"), int) and rid in attempt.requests:
+            took = (D.seconds(d.get("t")) or time.time()) - attempt.requests[rid][1]
+            if took >= 0:
+                self.costs.save_s = took
+
+    def _periodic(self, attempt: Attempt) -> None:
+        """`[checkpoints] every_s`: ask for a mid-epoch checkpoint once that much training time has passed since
+        the attempt's last checkpoint (or its first step); "auto" chooses the interval from measured costs."""
+        every = self.cfg.checkpoints.every_s
+        rules = attempt.rules
+        if every is None or attempt.fault is not None or not attempt.handles_requests or rules.first_step_t is None:
+            return
+        if every == "auto":
+            every, why = D.auto_interval(self.current_costs(), self.cfg.checkpoints.auto_overhead)
+            measured = not why.startswith(D.PROBE_WHY)
+            if self._interval is None or abs(every - self._interval) > 0.2 * self._interval or (
+                    measured and not self._interval_measured):  # fmt: skip
+                self._interval, self._interval_measured = every, measured
+                log.info("checkpoints every %.0fs of training (every_s = auto: %s)", every, why)
+                self.ledger.append(L.PLAN, **self.current_costs().fields(), every_s=round(every, 1), why=why)
+        since = max(rules.first_step_t, rules.last_checkpoint_t() or 0.0)
+        outstanding = attempt.outstanding()
+        if outstanding is not None and time.time() - attempt.requests[outstanding][1] < every:
+            return  # asked already; a request unanswered for a whole interval is asked again
+        if time.time() - since >= every:
+            attempt.request_checkpoint("every_s")
 
     def _check_fence(self) -> None:
         """After the loop did not run for FROZEN_S (SIGSTOP, a suspended VM), another supervisor may
@@ -127,31 +217,46 @@ class Watchdog:
             try:
                 size, digest = future.result()
             except (OSError, ValueError) as exc:
-                log.error("checkpoint of epoch %d at %s cannot be verified (%s): not recorded", announced.epoch,
+                log.error("checkpoint of %s at %s cannot be verified (%s): not recorded", announced.label,
                           announced.path, getattr(exc, "strerror", None) or exc)  # fmt: skip
                 continue
             self._record_checkpoint(announced, attempt, size, digest)
 
     def _record_checkpoint(self, announced: Announced, attempt: int, size: int, digest: str) -> None:
-        epoch, data = announced.epoch, announced.data
+        epoch, step, data, label = announced.epoch, announced.step, announced.data, announced.label
         claimed = data.get("sha256")
         if isinstance(claimed, str) and claimed != digest:
-            log.error("checkpoint of epoch %d: sha256 differs from the trainer's claim: not recorded", epoch)
+            log.error("checkpoint of %s: sha256 differs from the trainer's claim: not recorded", label)
             return
         if isinstance(data.get("size"), int) and data["size"] != size:
-            log.error("checkpoint of epoch %d: %d bytes, the trainer announced %d: not recorded", epoch, size,
+            log.error("checkpoint of %s: %d bytes, the trainer announced %d: not recorded", label, size,
                       data["size"])  # fmt: skip
             return
         try:
             rel = announced.path.resolve().relative_to(self.run_dir).as_posix()
         except ValueError:
             rel = str(announced.path.resolve())
-        self.ledger.append(L.CHECKPOINT, epoch=epoch, path=rel, size=size, sha256=digest, attempt=attempt)
-        if epoch > self._high_water_at_start:
+        at = {} if step is None else {"step": step}
+        self.ledger.append(L.CHECKPOINT, epoch=epoch, **at, path=rel, size=size, sha256=digest, attempt=attempt)
+        if step is None and epoch > self._high_water_at_start:
             self._attempt_progressed = True
-        self.store.checkpoint_verified(CheckpointRecord(epoch, rel, size, digest), self.run_dir)
-        log.info("epoch %d checkpoint verified (%.1f MB, sha256 %s...)", epoch, size / 1e6, digest[:12])
+        self.costs.size = size
+        self.store.checkpoint_verified(CheckpointRecord(epoch, rel, size, digest, step), self.run_dir)
+        log.info("%s checkpoint verified (%.1f MB, sha256 %s...)", label, size / 1e6, digest[:12])
+        self._drop_partials(lambda pos: pos < announced.position, "superseded")
         self.apply_retention(self.cfg.checkpoints.keep_last)
+
+    def _drop_partials(self, which: object, why: str) -> None:
+        """Remove the mid-epoch checkpoints whose position `which` selects: `superseded` once a later checkpoint
+        is verified, `abandoned` when an attempt resumes from an earlier point (their line of training ended)."""
+        for pos, record in sorted(self.view().partials.items()):
+            if not which(pos):  # type: ignore[operator]
+                continue
+            self.ledger.append(L.CHECKPOINT_REMOVED, epoch=record.epoch, step=record.step, sha256=record.sha256,
+                               path=record.path, why=why)  # fmt: skip
+            self.store.remove_checkpoint(record, self.run_dir)
+            (self.run_dir / record.path).unlink(missing_ok=True)
+            log.info("removed the %s checkpoint of %s", why, record.label)
 
     def _take(self, seen: Observed, attempt: int, settle_s: float = ANNOUNCED_SETTLE_S) -> None:
         """Record what the attempt observed: metrics now, checkpoints once hashed (once they held still
@@ -162,7 +267,8 @@ class Watchdog:
             log.warning("attempt %d: %s", attempt, line)
             self.ledger.append(L.NOTE, attempt=attempt, note=line)
         for announced in seen.checkpoints:
-            self.hash_announced(announced, attempt, settle_s)
+            self._measure(announced, self._attempt)
+            self.hash_announced(announced, attempt, 0.0 if announced.claims_sha256 else settle_s)
 
     def apply_retention(self, keep_last: int) -> None:
         c = self.cfg.checkpoints
@@ -256,9 +362,10 @@ class Watchdog:
         last = view.last
         if last is None or last.ended:
             return
-        rules = event_rules(self.cfg, self.run_dir, last.start_epoch)
-        rules.announced |= {f.get("epoch") for f in self.ledger.facts()  # recorded before it died: bytes may
-                            if f.get("fact") == L.CHECKPOINT and f.get("attempt") == last.attempt}  # have rotted since
+        rules = event_rules(self.cfg, self.run_dir, last.start_epoch, last.start_step)
+        rules.announced |= {position(f.get("epoch"), f.get("step")) for f in self.ledger.facts()  # recorded before
+                            if f.get("fact") == L.CHECKPOINT and f.get("attempt") == last.attempt}  # it died; bytes
+        # may have rotted since: not hashed again
         fault: tuple[Fault, str] | None = None
         self._high_water_at_start, self._attempt_progressed = view.high_water, False
         for ev in EventTail(self.layout.attempt_events(last.attempt)).poll():
@@ -266,6 +373,7 @@ class Watchdog:
             fault = fault or seen.fault
             self._take(seen, last.attempt, settle_s=0.0)  # the shim killed its writer with the watchdog
         self.record_hashed(wait=True)
+        self._lost_rules = (last.attempt, rules)
         reason, detail = Fault.SESSION_LOST, "the supervisor driving it vanished"
         if fault is not None:
             reason, detail = fault[0], f"{fault[1]} (read from its events after the supervisor vanished)"
@@ -282,7 +390,11 @@ class Watchdog:
         self.ledger.append(L.SESSION_STARTED, pid=os.getpid(), host=socket.gethostname(), version=__version__,
                            store=self.store.describe(), platform=self.platform.name)  # fmt: skip
         self._write_params()
+        self._earlier_costs = D.Costs.from_plan(view.plan)
+        self._plan_warnings()
         decision = policy.first_launch(view, cfg.seeds.pool, cfg.name, cfg.epochs)
+        if self._lost_rules is not None:
+            self._record_lost(*self._lost_rules, decision)
         while True:
             if isinstance(decision, policy.Complete):
                 return self._end(L.STATUS_COMPLETED, EXIT_COMPLETED, "all epochs verified")
@@ -310,8 +422,19 @@ class Watchdog:
             time.sleep(min(0.1, max(0.0, deadline - time.monotonic())))
         return False
 
-    def _resume_source(self, load_epoch: int) -> tuple[int, CheckpointRecord | None]:
-        """The checkpoint to load, made local and whole; falls back to older ones that are not."""
+    def _resume_source(self, load_epoch: int, load_step: int | None = None) -> tuple[int, CheckpointRecord | None]:
+        """The checkpoint to load, made local and whole; falls back to older ones that are not (a mid-epoch
+        checkpoint that cannot be had falls back to the end of the epoch before)."""
+        if load_step is not None:
+            record = self.view().partials.get((load_epoch, load_step))
+            if record is not None and self.store.ensure_local(record, self.run_dir):
+                return load_epoch, record
+            if record is not None:
+                self.ledger.append(L.CHECKPOINT_UNAVAILABLE, epoch=load_epoch, step=load_step, sha256=record.sha256,
+                                   why="missing or corrupt (sha256 mismatch)")  # fmt: skip
+            log.warning("checkpoint of epoch %d step %d cannot be had: falling back to the previous verified one",
+                        load_epoch, load_step)  # fmt: skip
+            load_epoch = policy.resume_epoch(self.view(), before=load_epoch)
         while load_epoch >= 0:
             view = self.view()
             record = view.checkpoints.get(load_epoch)
@@ -327,7 +450,7 @@ class Watchdog:
     def _run_attempt(self, launch: policy.Launch) -> policy.Decision:
         cfg = self.cfg
         try:
-            load_epoch, record = self._resume_source(launch.load_epoch)
+            load_epoch, record = self._resume_source(launch.load_epoch, launch.load_step)
         except StoreError as exc:
             log.error("cannot fetch the checkpoint to resume from: %s", exc)
             self._pause_why = str(exc)
@@ -337,8 +460,11 @@ class Watchdog:
         spec = AttemptSpec(
             attempt=number, seed=launch.seed, load_epoch=load_epoch, batch_divisor=launch.batch_divisor,
             load_path=(self.run_dir / record.path) if record else None, load_sha256=record.sha256 if record else None,
+            load_step=record.step if record else None,
         )  # fmt: skip
-        self._resuming_from = load_epoch if load_epoch >= 0 else None
+        start = position(load_epoch, spec.load_step)
+        self._drop_partials(lambda pos: pos > start, "abandoned")
+        self._resuming_from = load_epoch if load_epoch >= 0 and spec.load_step is None else None
         self._high_water_at_start = view.high_water
         self._attempt_progressed = False
         remove_stale_temps(self.layout.checkpoints)  # no trainer runs now: every temp file is a dead attempt's
@@ -346,11 +472,14 @@ class Watchdog:
         self._launched_wall = time.time()
         argv = attempt.launch()
         self.ledger.append(L.ATTEMPT_STARTED, attempt=number, seed=spec.seed, load_epoch=load_epoch,
-                           start_epoch=spec.start_epoch, reason=launch.reason, batch_divisor=spec.batch_divisor,
-                           pid=attempt.proc.pid, host=socket.gethostname(), command=argv)  # fmt: skip
+                           load_step=spec.load_step, start_epoch=spec.start_epoch, start_step=spec.start_step,
+                           reason=launch.reason, batch_divisor=spec.batch_divisor, pid=attempt.proc.pid,
+                           host=socket.gethostname(), command=argv)  # fmt: skip
         note = f" ({launch.note})" if launch.note else ""
-        log.info("attempt %d: epoch %d from checkpoint %d, seed %d, reason '%s'%s", number, spec.start_epoch,
-                 load_epoch, spec.seed, launch.reason, note)  # fmt: skip
+        at = f" step {spec.start_step}" if spec.load_step is not None else ""
+        source = record.label if record else "none (fresh start)"
+        log.info("attempt %d: epoch %d%s from checkpoint %s, seed %d, reason '%s'%s", number, spec.start_epoch, at,
+                 source, spec.seed, launch.reason, note)  # fmt: skip
         result = self._watch(attempt)
         self.record_hashed(wait=True)
         view = self.view()
@@ -364,7 +493,36 @@ class Watchdog:
         self._attempt = None
         if fault is not None:
             log.info("attempt %d ended: %s (%s)", number, fault.value, result.exit)
-        return policy.decide(self.view(), cfg.restart, cfg.seeds.pool, cfg.name, cfg.epochs, random.random())
+        decision = policy.decide(self.view(), cfg.restart, cfg.seeds.pool, cfg.name, cfg.epochs, random.random())
+        self._record_lost(number, attempt.rules, decision)
+        return decision
+
+    def _record_lost(self, number: int, rules: EventRules, decision: policy.Decision) -> None:
+        """The work of attempt `number` that the next one does again: the steps and training seconds after
+        the checkpoint it resumes from (after a pause, the newest one; after a fault, the policy's choice)."""
+        view = self.view()
+        if isinstance(decision, policy.Complete):
+            return
+        if isinstance(decision, policy.Launch):
+            resume = position(decision.load_epoch, decision.load_step)
+        elif isinstance(decision, policy.Pause):
+            newest = view.newest()
+            resume = newest.position if newest else (-1, END_OF_EPOCH)
+        else:
+            resume = (max(view.checkpoints, default=-1), END_OF_EPOCH)
+        steps, seconds = rules.lost_since(resume)
+        step = None if resume[1] == END_OF_EPOCH else resume[1]
+        self.ledger.append(L.WORK_LOST, attempt=number, steps=steps, seconds=round(seconds, 3),
+                           resume_epoch=resume[0], resume_step=step)  # fmt: skip
+        if steps:
+            log.info("attempt %d: %d steps (%.1fs of training) after the resume point are lost", number, steps,
+                     seconds)  # fmt: skip
+
+    def _plan_warnings(self) -> None:
+        """Say at start when a notice window or the SIGTERM grace cannot cover a final save and upload at the
+        measured (earlier sessions) or configured costs."""
+        for line in plan_shortfalls(self.cfg, self._earlier_costs):
+            log.warning("deadline plan: %s", line)
 
     def _watch(self, attempt: Attempt) -> AttemptResult:
         """The watch loop: take what the attempt observed, ask it to stop when a pause is due, until it ends.
@@ -379,13 +537,17 @@ class Watchdog:
             if attempt.pump.write_error is not None:
                 raise attempt.pump.write_error
             if attempt.fault is None and (reason := self.stop_reason()) is not None:
-                attempt.set_fault(reason, "pause requested")  # before the exit check: our kill may end it
+                # Before the exit check: our kill may end it. A trainer that handles requests saves first.
+                budget = D.pause_budget(self._time_left(), self.current_costs(), self._backlog(),
+                                        self.cfg.watch.stop_grace_s)  # fmt: skip
+                attempt.pause(reason, "pause requested", budget)
             if rc is not None:
                 break
             if attempt.fault is None and time.monotonic() >= next_disk:
                 next_disk = time.monotonic() + 2.0
                 self.guard_disk(attempt)
-            attempt.enforce()
+            self._periodic(attempt)
+            attempt.enforce(self._pause_grace() if attempt.fault is not None and attempt.fault.external else None)
             time.sleep(self.cfg.watch.poll_interval_s)
         result, seen = attempt.finish(rc)
         self._take(seen, number)
@@ -398,13 +560,31 @@ class Watchdog:
         atomic_write(self.layout.params, lambda f: f.write(data))
 
     def _end(self, status: str, code: int, why: str) -> int:
-        budget = self.cfg.storage.drain_timeout_s if self.cfg.storage else 0.0
+        budget = D.drain_budget(self._time_left(), self.cfg.storage.drain_timeout_s if self.cfg.storage else 0.0)
         missing = self.store.drain(budget)
         if missing:
             log.warning("not yet in %s (the next start uploads them): %s", self.store.describe(), ", ".join(missing))
         why = self._pause_why or why
+        costs = self.current_costs()
+        if any(v is not None for v in costs.fields().values()):
+            self.ledger.append(L.PLAN, **costs.fields(), every_s=self._interval)
         self.ledger.append(L.RUN_ENDED, status=status, diagnosis=why, not_uploaded=missing)
         if not missing:  # the last ledger line itself; after a drain that timed out it would time out too
             self.store.drain(min(budget, 30.0))
         log.info("run %s: %s (%s)", status, self.cfg.name, why)
         return code
+
+
+def plan_shortfalls(cfg: RunConfig, costs: D.Costs) -> list[str]:
+    """The windows this run may get (SIGTERM grace, spot notices) too short for a final save and upload."""
+    windows: dict[str, float] = {}
+    if cfg.platform.sigterm_grace_s is not None:
+        windows["the SIGTERM grace (platform.sigterm_grace_s)"] = cfg.platform.sigterm_grace_s
+    if cfg.platform.spot != "off":
+        from supervisor.platforms.notices import WINDOW_S
+
+        clouds = list(WINDOW_S) if cfg.platform.spot == "auto" else [cfg.platform.spot]
+        windows |= {f"the {c.upper()} spot notice": WINDOW_S[c] for c in clouds}
+    if cfg.platform.upload_speed and costs.upload_bps is None:
+        costs = D.Costs(**{**costs.fields(), "upload_bps": float(cfg.platform.upload_speed)})
+    return D.shortfalls(costs, windows)

@@ -13,11 +13,17 @@ fired when this is attempt A (any attempt if absent) at epoch E, step S. Kinds:
     future_mtime (at the end of epoch E: save, set the file's mtime a minute ahead so the watchdog
     cannot hash it yet, announce it, then hang), in_place (at the end of epoch E: write the checkpoint
     in place, announce it a third of the way through, finish writing over ~2 s).
+Checkpoint requests (`handles_requests`: true): the trainer declares it handles them, checks
+$SUPERVISOR_CHECKPOINT_REQUEST after every step, and answers a new request with a mid-epoch checkpoint
+(announced with step, sha256, size, request; `save_s` sleeps that long first, `stall_s` is reported);
+with `stop` it exits 0 after it. `ignore_requests`: declares it but never answers. With
+SUPERVISOR_START_STEP = S it resumes S steps into SUPERVISOR_START_EPOCH.
 Also: extra_events, a list of {"after_epoch": E, "event": {...}} written as is after epoch E's
 checkpoint ("{checkpoint_dir}" in a string value is filled in); raw_lines, strings appended to the
 events file before the first step of attempt 0.
-The checkpoint holds a "state" that depends on every (seed, epoch) it went through, so tests can
-check that resumes load the right file.
+The checkpoint holds a "state" that depends on every (seed, epoch, step) it went through, so tests can
+check that resumes load the right file and that a paused and resumed run ends where an uninterrupted
+one does.
 """
 
 from __future__ import annotations
@@ -30,7 +36,35 @@ import subprocess
 import sys
 import time
 
+from supervisor import protocol as P
 from supervisor.client import NonFiniteLoss, Supervised, atomic_write, sha256_file
+
+
+class Requests:
+    """Reads the watchdog's checkpoint requests by hand (the protocol, not the client helper)."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.served = 0
+        self.signature = None
+
+    def poll(self) -> P.CheckpointRequest | None:
+        if not self.path:
+            return None
+        try:
+            st = os.stat(self.path)
+        except FileNotFoundError:
+            return None
+        signature = (st.st_mtime_ns, st.st_size, st.st_ino)
+        if signature == self.signature:
+            return None
+        self.signature = signature
+        with open(self.path, "rb") as f:
+            request = P.CheckpointRequest.from_json(f.read())
+        if request is None or request.id <= self.served:
+            return None
+        self.served = request.id
+        return request
 
 
 def fault_at(faults: list[dict], attempt: int, epoch: int, step: int) -> str | None:
@@ -72,19 +106,24 @@ def main() -> int:
             f.write(f"{child.pid}\n")
 
     state = "init"
+    start_step = int(os.environ.get(P.ENV_START_STEP) or 0)
     if sup.load_epoch >= 0:
-        path = sup.resume_path()
+        path = sup.load_path or sup.checkpoint_path(sup.load_epoch)
         if sup.load_sha256 and sha256_file(path) != sup.load_sha256:
             sys.stderr.write(f"checksum mismatch for {path}\n")
             return 4
         ckpt = json.loads(path.read_text())
         assert ckpt["epoch"] == sup.load_epoch, (ckpt["epoch"], sup.load_epoch)
+        assert ckpt.get("step", 0) == start_step, (ckpt.get("step"), start_step)
         state = ckpt["state"]
-    print(f"fake trainer: attempt {sup.attempt} seed {sup.seed} from epoch {sup.start_epoch} "
+    requests = Requests(os.environ.get(P.ENV_CHECKPOINT_REQUEST)) if p.get("handles_requests") else Requests(None)
+    if p.get("handles_requests") or p.get("ignore_requests"):
+        sup.emit(P.EVENT_HEARTBEAT, handles=[P.CAPABILITY_CHECKPOINT_REQUEST])
+    print(f"fake trainer: attempt {sup.attempt} seed {sup.seed} from epoch {sup.start_epoch} step {start_step} "
           f"divisor {sup.batch_divisor}", flush=True)  # fmt: skip
     hog = []
     for epoch in range(sup.start_epoch, epochs):
-        for step in range(steps):
+        for step in range(start_step if epoch == sup.start_epoch else 0, steps):
             kind = fault_at(faults, sup.attempt, epoch, step)
             loss = 1.0 / (1 + epoch + step / steps)
             if kind and kind not in ("hang", "cpu_oom", "disk_fill"):
@@ -124,14 +163,19 @@ def main() -> int:
                 os.kill(os.getpid(), signal.SIGKILL)
             elif kind == "hang":
                 time.sleep(3600)
+            if not asked_to_stop:
+                time.sleep(step_s)
+            state = hashlib.sha256(f"{state}|{sup.seed}|{epoch}|{step}".encode()).hexdigest()[:16]
             try:
                 sup.step(epoch, step, loss, t=time.time())
             except NonFiniteLoss as exc:
                 sys.stderr.write(f"fake trainer: {exc}\n")
                 return 3
-            if not asked_to_stop:
-                time.sleep(step_s)
-        state = hashlib.sha256(f"{state}|{sup.seed}|{epoch}".encode()).hexdigest()[:16]
+            if (request := requests.poll()) is not None:
+                save_mid_epoch(sup, p, epoch, step + 1, state, request)
+                if request.stop:
+                    print(f"fake trainer: stopped at epoch {epoch} step {step + 1} on request", flush=True)
+                    return 0
         if p.get("eval", True):
             value = 0.5 + epoch / 100
             if fault_at(faults, sup.attempt, epoch, -1) == "test_nan":
@@ -161,6 +205,18 @@ def main() -> int:
             print(f"fake trainer: saved epoch {epoch} after SIGTERM", flush=True)
             return 0
     return 0
+
+
+def save_mid_epoch(sup: Supervised, p: dict, epoch: int, step: int, state: str, request: P.CheckpointRequest) -> None:
+    """The checkpoint `step` steps into `epoch`, written atomically, announced with its sha256."""
+    t0 = time.time()
+    time.sleep(float(p.get("save_s", 0.0)))
+    body = json.dumps({"epoch": epoch, "step": step, "seed": sup.seed, "state": state}).encode()
+    data = body + b" " * max(0, int(p.get("ckpt_bytes", 0)) - len(body))
+    path = atomic_write(sup.checkpoint_dir / P.checkpoint_name(epoch, step=step), lambda f: f.write(data))
+    digest = hashlib.sha256(data).hexdigest()
+    sup.emit(P.EVENT_CHECKPOINT, epoch=epoch, step=step, path=str(path), sha256=digest, size=len(data),
+             request=request.id, stall_s=round(time.time() - t0, 4), write_s=0.0, t=time.time())  # fmt: skip
 
 
 def write_in_place(sup: Supervised, epoch: int, data: bytes) -> None:

@@ -36,8 +36,8 @@ def test_fault_restarts_from_previous_epoch(tmp_path, kind, reason):
     assert out.returncode == 0, out.stderr
     assert rep["status"] == "completed"
     assert rep["restarts"] == [
-        {"epoch": 0, "load_epoch": -1, "seed": 29, "reason": "normal start"},
-        {"epoch": 1, "load_epoch": 0, "seed": 28, "reason": reason},
+        {"epoch": 0, "load_epoch": -1, "load_step": None, "seed": 29, "reason": "normal start"},
+        {"epoch": 1, "load_epoch": 0, "load_step": None, "seed": 28, "reason": reason},
     ]
     assert rep["checkpoints"][-1] == 2
 
@@ -45,7 +45,7 @@ def test_fault_restarts_from_previous_epoch(tmp_path, kind, reason):
 def test_test_nan_restarts_same_epoch_from_previous_checkpoint(tmp_path):
     out, rep, toml = run_with(tmp_path, [{"kind": "test_nan", "attempt": 0, "epoch": 1, "step": -1}])
     assert out.returncode == 0, out.stderr
-    assert rep["restarts"][1] == {"epoch": 1, "load_epoch": 0, "seed": 28, "reason": "test nan"}
+    assert rep["restarts"][1] == {"epoch": 1, "load_epoch": 0, "load_step": None, "seed": 28, "reason": "test nan"}
     # The checkpoint the trainer wrote after a NaN eval was never recorded as verified.
     recorded = [f for f in ledger(toml.parent / "runs" / "run") if f["fact"] == "checkpoint" and f["attempt"] == 0]
     assert [f["epoch"] for f in recorded] == [0]
@@ -62,7 +62,7 @@ def test_memory_guard_stops_tree_before_kernel(tmp_path):
     out, rep, _ = run_with(tmp_path, [{"kind": "cpu_oom", "attempt": 0, "epoch": 1, "step": 0}],
                            watch={"memory_limit": "400MiB"})  # fmt: skip
     assert out.returncode == 0, out.stderr
-    assert rep["restarts"][1] == {"epoch": 1, "load_epoch": 0, "seed": 28, "reason": "cpu oom"}
+    assert rep["restarts"][1] == {"epoch": 1, "load_epoch": 0, "load_step": None, "seed": 28, "reason": "cpu oom"}
     ended = [a for a in rep["attempts"] if a["ended_by"] == "cpu oom"]
     assert ended and ended[0]["exit"] == "signal SIGKILL"
 
@@ -95,7 +95,7 @@ def test_kernel_oom_kill_is_cpu_oom(tmp_path):
         out, rep, _ = run_with(tmp_path, [{"kind": "cpu_oom", "attempt": 0, "epoch": 1, "step": 0}],
                                command=command, params={"step_s": 0.3})  # fmt: skip
         assert out.returncode == 0, out.stderr
-        assert rep["restarts"][1] == {"epoch": 1, "load_epoch": 0, "seed": 28, "reason": "cpu oom"}
+        assert rep["restarts"][1] == {"epoch": 1, "load_epoch": 0, "load_step": None, "seed": 28, "reason": "cpu oom"}
     finally:
         try:
             cg.rmdir()
@@ -148,5 +148,5 @@ def test_zero_code_mode(tmp_path):
     out = cli("start", str(toml))
     assert out.returncode == 0, out.stderr
     rep = report(toml)
-    assert rep["restarts"][1] == {"epoch": 1, "load_epoch": 0, "seed": 28, "reason": "nan"}
+    assert rep["restarts"][1] == {"epoch": 1, "load_epoch": 0, "load_step": None, "seed": 28, "reason": "nan"}
     assert rep["checkpoints"][-1] == 2

@@ -11,6 +11,7 @@ from conftest import tmpfs
 
 from supervisor import ledger as L
 from supervisor import policy
+from supervisor import protocol as P
 from supervisor.checkpoints import EventRules, hash_settled
 from supervisor.config import RestartConfig
 from supervisor.faults import RULES, Fault, grace_s
@@ -19,7 +20,7 @@ from supervisor.protocol import parse_event, to_number
 
 def rules(tmp_path: Path, start: int = 0, epochs: int = 4) -> EventRules:
     ck = tmp_path / "checkpoints"
-    return EventRules(start, epochs, lambda e: ck / f"epoch-{e:04d}.pt", lambda raw: Path(raw))
+    return EventRules(start, epochs, lambda e, s=None: ck / P.checkpoint_name(e, step=s), lambda raw: Path(raw))
 
 
 def feed(r: EventRules, line: str, accepting: bool = True):

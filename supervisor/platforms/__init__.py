@@ -21,11 +21,17 @@ class Platform:
     session_limit_s: float | None
     session_start: float  # unix time the session (container/VM) began
 
-    def deadline(self, stop_margin_s: float) -> float | None:
-        """Unix time at which to pause the run so the checkpoint is safe before the session ends."""
+    @property
+    def session_end(self) -> float | None:
+        """Unix time the session ends, or None when it has no limit."""
         if self.session_limit_s is None:
             return None
-        return self.session_start + self.session_limit_s - stop_margin_s
+        return self.session_start + self.session_limit_s
+
+    def deadline(self, stop_margin_s: float) -> float | None:
+        """Unix time at which to pause the run so the checkpoint is safe before the session ends."""
+        end = self.session_end
+        return None if end is None else end - stop_margin_s
 
 
 KAGGLE_WORKING = "/kaggle/working"

@@ -10,10 +10,16 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 import urllib.error
 import urllib.request
+from datetime import datetime
+from email.utils import parsedate_to_datetime
 
 log = logging.getLogger("supervisor")
+
+# The notice windows when the notice itself names no time (docs/platforms.md, "Spot notices").
+WINDOW_S = {"aws": 120.0, "gcp": 30.0, "azure": 30.0}
 
 DEFAULT_URLS = {
     "aws": "http://169.254.169.254",
@@ -31,25 +37,51 @@ def _get(url: str, headers: dict[str, str], timeout: float, method: str = "GET")
         return exc.code, ""
 
 
-def check_aws(base: str, timeout: float) -> str | None:
+def _iso_time(value: object) -> float | None:
+    """Unix time of an ISO 8601 stamp such as AWS's "2026-12-01T14:30:00Z"; None if it is not one."""
+    if not isinstance(value, str):
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return None
+
+
+def _http_date(value: object) -> float | None:
+    """Unix time of an HTTP date such as Azure's "Mon, 19 Sep 2016 18:29:47 GMT"; None if it is not one."""
+    if not isinstance(value, str) or not value.strip():
+        return None
+    try:
+        return parsedate_to_datetime(value).timestamp()
+    except (TypeError, ValueError):
+        return None
+
+
+# Each check returns (what the notice says, unix time the machine goes away or None) or None.
+Found = tuple[str, float | None]
+
+
+def check_aws(base: str, timeout: float) -> Found | None:
     status, token = _get(f"{base}/latest/api/token", {"X-aws-ec2-metadata-token-ttl-seconds": "300"}, timeout, "PUT")
     headers = {"X-aws-ec2-metadata-token": token} if status == 200 else {}
     status, body = _get(f"{base}/latest/meta-data/spot/instance-action", headers, timeout)
     if status == 200 and body.strip():
         try:
             action = json.loads(body)
-            return f"AWS spot interruption: {action.get('action')} at {action.get('time')}"
         except ValueError:
-            return "AWS spot interruption notice"
+            return "AWS spot interruption notice", None
+        if not isinstance(action, dict):
+            return "AWS spot interruption notice", None
+        return f"AWS spot interruption: {action.get('action')} at {action.get('time')}", _iso_time(action.get("time"))
     return None
 
 
-def check_gcp(base: str, timeout: float) -> str | None:
+def check_gcp(base: str, timeout: float) -> Found | None:
     status, body = _get(f"{base}/computeMetadata/v1/instance/preempted", {"Metadata-Flavor": "Google"}, timeout)
-    return "GCP preemption (instance/preempted = TRUE)" if status == 200 and body.strip() == "TRUE" else None
+    return ("GCP preemption (instance/preempted = TRUE)", None) if status == 200 and body.strip() == "TRUE" else None
 
 
-def check_azure(base: str, timeout: float) -> str | None:
+def check_azure(base: str, timeout: float) -> Found | None:
     url = f"{base}/metadata/scheduledevents?api-version=2020-07-01"
     status, body = _get(url, {"Metadata": "true"}, timeout)
     if status != 200:
@@ -60,7 +92,7 @@ def check_azure(base: str, timeout: float) -> str | None:
         return None
     for ev in events:
         if ev.get("EventType") == "Preempt":
-            return f"Azure spot eviction (Preempt, not before {ev.get('NotBefore')})"
+            return f"Azure spot eviction (Preempt, not before {ev.get('NotBefore')})", _http_date(ev.get("NotBefore"))
     return None
 
 
@@ -76,8 +108,9 @@ PROBES = {
 
 class NoticePoller:
     """Polls one cloud's metadata service every `interval_s` in a daemon thread; `notice()` is the
-    first interruption notice seen, or None. With cloud="auto" it tries each cloud once and keeps
-    the first whose metadata service answers; none answering ends the thread quietly."""
+    first interruption notice seen, or None, and `deadline` the unix time the machine goes away (the
+    notice's own time, else when it was seen plus the cloud's window). With cloud="auto" it tries each
+    cloud once and keeps the first whose metadata service answers; none answering ends the thread quietly."""
 
     def __init__(self, cloud: str, interval_s: float = 5.0, base_url: str | None = None, timeout_s: float = 1.0):
         self.cloud = cloud
@@ -85,6 +118,7 @@ class NoticePoller:
         self.base_url = base_url
         self.timeout_s = timeout_s
         self._notice: str | None = None
+        self.deadline: float | None = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -122,6 +156,11 @@ class NoticePoller:
             except (OSError, urllib.error.URLError):
                 found = None
             if found:
-                self._notice = found
+                text, at = found
+                window = WINDOW_S[cloud]
+                seen = time.time()
+                # A stated time in the past or beyond the window is a skewed clock: trust the window.
+                self.deadline = at if at is not None and seen < at <= seen + window + 5 else seen + window
+                self._notice = text
                 return
             self._stop.wait(self.interval_s)

@@ -13,12 +13,15 @@ The watchdog calls these at fixed points of a run:
   lost_lease()            polled by the watchdog; True means stop writing at once (fencing)
   writable()              asked before a ledger write (fencing after a freeze or partition)
   permanent_error()       polled by the watchdog; a reason means pause the run with it
+  upload_rate()           how fast recent checkpoint uploads went (plans a final checkpoint before a deadline)
+  backlog_bytes()         how much checkpoint upload is still to send (bounds a drain)
   drain()                 on pause and completion: wait for pending work within a budget
   close()                 release the lease, stop background threads
 
-checkpoint_verified, ledger_changed, remove_checkpoint, resume_uploads, resume_removals, lost_lease
-and permanent_error run on the watchdog's thread: they return at once and never wait on the network;
-the work they start happens in the background. writable(wait_s) waits at most wait_s, never on I/O.
+checkpoint_verified, ledger_changed, remove_checkpoint, resume_uploads, resume_removals, lost_lease,
+permanent_error, upload_rate and backlog_bytes run on the watchdog's thread: they return at once and
+never wait on the network; the work they start happens in the background. writable(wait_s) waits
+at most wait_s, never on I/O.
 """
 
 from __future__ import annotations
@@ -36,14 +39,29 @@ class LeaseHeld(StoreError):
     """Another supervisor drives this run."""
 
 
+# The step of an epoch's end in a position: after every mid-epoch checkpoint of that epoch.
+END_OF_EPOCH = 1 << 62
+
+
 @dataclass(frozen=True)
 class CheckpointRecord:
-    """A verified checkpoint: its epoch, its path relative to the run dir, its size and sha256."""
+    """A verified checkpoint: its epoch, its path relative to the run dir, its size and sha256; `step` is
+    the number of optimizer steps of `epoch` it holds for a mid-epoch checkpoint, None for the epoch's end."""
 
     epoch: int
     path: str
     size: int
     sha256: str
+    step: int | None = None
+
+    @property
+    def position(self) -> tuple[int, int]:
+        """Training order: (E, S) for S steps into epoch E, (E, END_OF_EPOCH) for its end."""
+        return (self.epoch, END_OF_EPOCH if self.step is None else self.step)
+
+    @property
+    def label(self) -> str:
+        return f"epoch {self.epoch}" if self.step is None else f"epoch {self.epoch} step {self.step}"
 
 
 class Store(ABC):
@@ -87,6 +105,16 @@ class Store(ABC):
     def lost_lease(self) -> bool:
         """True once another supervisor has taken the run over; the caller must stop writing."""
         return False
+
+    def upload_rate(self) -> float | None:
+        """Bytes per second of recent completed checkpoint uploads (the median of the last few); None
+        until one completed, and always for a store that uploads nothing. Never waits."""
+        return None
+
+    def backlog_bytes(self) -> int:
+        """Bytes of checkpoint uploads queued or in flight (of one in flight, what it has still to send);
+        0 when idle, and always for a store that uploads nothing. Never waits."""
+        return 0
 
     def writable(self, wait_s: float) -> bool:
         """False once this supervisor is known to have lost the run (fencing); asked before every
