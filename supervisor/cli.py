@@ -79,7 +79,23 @@ def open_store(cfg: RunConfig):
 def cmd_validate(args: argparse.Namespace) -> int:
     cfg = _load_runnable(args.config)
     print(f"{args.config}: ok (run '{cfg.name}', {cfg.epochs} epochs, run dir {cfg.resolved_run_dir()})")
+    for line in _plan_warnings(cfg):
+        print(f"{args.config}: warning: {line}")
     return 0
+
+
+def _plan_warnings(cfg: RunConfig) -> list[str]:
+    """What the deadline plan can already tell: windows too short for a final save and upload at the costs
+    an earlier session of this run measured (or the configured upload speed), and settings without effect."""
+    from supervisor import deadline as D
+    from supervisor import ledger as L
+    from supervisor.watchdog import plan_shortfalls
+
+    out = []
+    if cfg.checkpoints.every_s is not None and cfg.trainer.mode == "zero-code":
+        out.append("checkpoints.every_s has no effect in zero-code mode: a script cannot be asked for a checkpoint")
+    facts = L.read_facts(cfg.resolved_run_dir() / L.LEDGER_NAME)
+    return out + plan_shortfalls(cfg, D.Costs.from_plan(L.fold(facts).plan))
 
 
 def cmd_start(args: argparse.Namespace) -> int:

@@ -247,6 +247,9 @@ class PlatformConfig(_Strict):
     # slower poll could never see one in time.
     notice_poll_s: Annotated[float, Field(ge=0.1, le=120)] = 5.0
     metadata_url: str | None = None
+    # Seconds from a spot notice to the machine's end when the notice names no time; default the cloud's
+    # (AWS 120, GCP 30, Azure 30).
+    notice_window_s: Annotated[float, Field(gt=0, le=3600)] | None = None
 
     @field_validator("upload_speed", mode="before")
     @classmethod

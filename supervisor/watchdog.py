@@ -69,7 +69,7 @@ class Watchdog:
         self._pause_why: str | None = None
         self._attempt: Attempt | None = None
         p = cfg.platform
-        self.notices = NoticePoller(p.spot, p.notice_poll_s, p.metadata_url)
+        self.notices = NoticePoller(p.spot, p.notice_poll_s, p.metadata_url, window_s=p.notice_window_s)
         self._stop: Fault | None = None
         self._signals = 0
         self._resuming_from: int | None = None
@@ -583,8 +583,9 @@ def plan_shortfalls(cfg: RunConfig, costs: D.Costs) -> list[str]:
     if cfg.platform.spot != "off":
         from supervisor.platforms.notices import WINDOW_S
 
-        clouds = list(WINDOW_S) if cfg.platform.spot == "auto" else [cfg.platform.spot]
-        windows |= {f"the {c.upper()} spot notice": WINDOW_S[c] for c in clouds}
+        spot = cfg.platform.spot
+        window = cfg.platform.notice_window_s or (min(WINDOW_S.values()) if spot == "auto" else WINDOW_S[spot])
+        windows["a spot notice" + (" (GCP and Azure give 30 s)" if spot == "auto" else f" ({spot})")] = window
     if cfg.platform.upload_speed and costs.upload_bps is None:
         costs = D.Costs(**{**costs.fields(), "upload_bps": float(cfg.platform.upload_speed)})
     return D.shortfalls(costs, windows)
