@@ -197,8 +197,17 @@ class CheckpointsConfig(_Strict):
     step_pattern: str = DEFAULT_STEP_PATTERN
     # Ask for a mid-epoch checkpoint when this much training time passed since the last checkpoint;
     # "auto": choose the interval from measured save and upload costs so they stay under auto_overhead.
-    every_s: Annotated[float, Field(ge=1, le=WEEK)] | Literal["auto"] | None = None
+    every_s: float | Literal["auto"] | None = None
     auto_overhead: Annotated[float, Field(gt=0, le=0.5)] = 0.035
+
+    @field_validator("every_s", mode="before")
+    @classmethod
+    def _every(cls, v: Any) -> Any:
+        if v is None or v == "auto":
+            return v
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not (1 <= v <= WEEK):
+            raise ValueError(f"expected seconds between 1 and {WEEK:.0f}, or \"auto\" (got {v!r})")
+        return float(v)
 
     @field_validator("pattern")
     @classmethod

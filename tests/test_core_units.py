@@ -114,7 +114,9 @@ def test_ledger_fold_survives_a_torn_last_line(tmp_path):
         f.write('{"fact":"checkpoint","epoch":1,"pa')
     view = led and L.fold(led.facts())
     assert view.verified_epochs() == [0]
-    assert view.restart_rows() == [{"epoch": 0, "load_epoch": -1, "load_step": None, "seed": 29, "reason": "normal start"}]
+    assert view.restart_rows() == [
+        {"epoch": 0, "load_epoch": -1, "load_step": None, "seed": 29, "reason": "normal start"}
+    ]
 
 
 def test_client_roundtrip(tmp_path):

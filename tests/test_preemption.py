@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -224,3 +225,23 @@ def test_a_mid_epoch_checkpoint_that_vanished_falls_back_to_the_epoch_end(tmp_pa
     assert f"checkpoint of epoch 1 step {saved['step']} cannot be had" in out.stderr
     row = report(toml)["restarts"][1]
     assert (row["epoch"], row["load_epoch"], row["load_step"]) == (1, 0, None)
+
+
+def test_a_kaggle_session_limit_pauses_mid_epoch_and_a_restart_in_the_same_session_keeps_its_clock(tmp_path):
+    import psutil
+
+    # Kaggle's session began with its container (PID 1): a limit that ends ~12 s from now.
+    elapsed = time.time() - psutil.Process(1).create_time()
+    limit = round(elapsed + 12.0, 1)
+    toml = write_run(tmp_path, epochs=40, params=REQUESTS,
+                     platform={"detect": "kaggle", "session_limit_s": limit, "stop_margin_s": 1.0})  # fmt: skip
+    run_dir = tmp_path / "runs" / "run"
+    out = cli("start", str(toml), timeout=60)
+    assert out.returncode == 75, out.stderr
+    assert "kaggle session limit is near" in out.stderr
+    mid = [f for f in facts(run_dir, "checkpoint") if f.get("step") is not None]
+    assert mid and facts(run_dir, "attempt_ended")[0]["fault"] == "time limit"
+    # The supervisor restarted inside the same session: the clock did not start again, so it pauses at once.
+    again = cli("start", str(toml), timeout=60)
+    assert again.returncode == 75, again.stderr
+    assert len(facts(run_dir, "attempt_started")) == 1
