@@ -143,6 +143,7 @@ def test_supervisor_service_fits_a_gpu_box_and_the_supervisor(compose_config: di
     # plus 30 s for hashing the last checkpoint and closing the store.
     needed = cfg.watch.stop_grace_s + cfg.storage.drain_timeout_s + min(cfg.storage.drain_timeout_s, 30.0) + 30.0
     assert go_seconds(svc["stop_grace_period"]) >= needed
+    assert cfg.platform.sigterm_grace_s == go_seconds(svc["stop_grace_period"])  # the plan fits in Docker's grace
     mounts = {v["target"]: v for v in svc["volumes"]}
     config_mount = mounts[dockerfile_argv()[-1]]
     assert config_mount["source"] == str(RUN_COMPOSE) and config_mount["read_only"]
