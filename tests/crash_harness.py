@@ -47,8 +47,10 @@ from s3.s3_support import SERVICES, Weed, find_weed, free_ports
 
 GUARANTEES = {
     "a": "the ledger parses; a torn tail is set aside into ledger.torn-*.jsonl by the next start",
-    "b": "the restart table is consistent (load_epoch verified and kept, start = load + 1, seeds unique)",
-    "c": "every verified, unremoved checkpoint exists: local file or committed remote object, same sha256",
+    "b": "the restart table is consistent (the checkpoint loaded was verified and kept, start = load + 1 or the "
+         "mid-epoch checkpoint's epoch, seeds unique but for a pause's resume)",
+    "c": "every verified, unremoved checkpoint (mid-epoch ones too) exists: local file or committed remote object, "
+         "same sha256",
     "d": "the bucket always holds a committed checkpoint after its first commit",
     "e": "the run completes once the faults stop (exit 0, report completed, last epoch verified)",
     "f": "no process of the run survives its supervisor",
@@ -622,6 +624,7 @@ class Schedule:
             watch["disk_min_free"] = 256 * 1024
         params = {"steps_per_epoch": s.steps_per_epoch, "step_s": s.step_s, "ckpt_bytes": s.ckpt_bytes}
         params["faults"] = faults
+        params["handles_requests"] = True  # pauses save mid-epoch checkpoints: they upload, resume and go too
         write_run(self.m.dir, epochs=s.epochs, command=["python", str(FAKE), "{run_dir}"], params=params,
                   watch=watch, checkpoints={"keep_last": 2}, restart={"max_restarts": 40},
                   platform={"spot": "off", "detect": "generic"}, storage=self._storage())  # fmt: skip
@@ -920,7 +923,7 @@ class Schedule:
             for problem in restart_table_problems(facts, closed=current):
                 self._violate("b", f"{m.dir.name}: {problem}{hint}\n{self._evidence(m)}")
             for f in facts:  # a restored ledger repeats the facts of the machine before: same fact, same attempt
-                if f["fact"] == "attempt_started":
+                if f["fact"] == "attempt_started" and f.get("reason") not in PAUSES and f.get("load_step") is None:
                     seed, who = int(f["seed"]), (f["attempt"], f.get("pid"), f.get("ts"))
                     if who not in seeds.setdefault(seed, {who: m.dir.name}):
                         first = next(iter(seeds[seed].items()))
@@ -932,11 +935,13 @@ class Schedule:
     def _check_checkpoints(self) -> None:
         self.result.checks["c"] += 1
         m = self.m
-        for epoch, (path, size, sha) in sorted(verified_checkpoints(read_facts(m.ledger)).items()):
+        verified = verified_checkpoints(read_facts(m.ledger))
+        for (epoch, step), (path, size, sha) in sorted(verified.items(), key=lambda kv: str(kv[0])):
             local = file_digest(m.run_dir / path)
             if local == (size, sha):
                 continue
-            manifest = self.server.get(f"{self.prefix}/run/manifest/epoch-{epoch:04d}.json")
+            key = f"epoch-{epoch:04d}" + ("" if step is None else f"-step-{step:08d}")
+            manifest = self.server.get(f"{self.prefix}/run/manifest/{key}.json")
             remote = "no manifest"
             if manifest is not None:
                 committed = json.loads(manifest)
@@ -946,7 +951,8 @@ class Schedule:
                 remote = f"manifest sha256 {str(committed.get('sha256'))[:12]}, object " + (
                     "missing" if body is None else f"{len(body)} bytes sha256 {sha256_bytes(body)[:12]}")
             have = "missing" if local is None else f"{local[0]} bytes sha256 {local[1][:12]}"
-            self._violate("c", f"checkpoint epoch {epoch} ({path}, {size} bytes, sha256 {sha[:12]}) is verified in "
+            label = f"epoch {epoch}" + ("" if step is None else f" step {step}")
+            self._violate("c", f"checkpoint {label} ({path}, {size} bytes, sha256 {sha[:12]}) is verified in "
                           f"the ledger of {m.dir.name} but local file: {have}; remote: {remote}\n"
                           f"{self._evidence(m)}")  # fmt: skip
 
@@ -971,17 +977,21 @@ class Schedule:
                           f"{self.result.longest_empty_gap_s:.1f}s:\n{indent(shown)}\n{self._evidence()}")  # fmt: skip
 
 
-def verified_checkpoints(facts: list[dict]) -> dict[int, tuple[str, int, str]]:
-    """epoch -> (path, size, sha256) of the checkpoints the ledger lists as verified and not removed."""
-    out: dict[int, tuple[str, int, str]] = {}
+def verified_checkpoints(facts: list[dict]) -> dict[tuple[int, int | None], tuple[str, int, str]]:
+    """(epoch, step or None) -> (path, size, sha256) of the checkpoints the ledger lists as verified and not
+    removed; step is None for an epoch's end."""
+    out: dict[tuple[int, int | None], tuple[str, int, str]] = {}
     for f in facts:
+        key = (int(f["epoch"]), None if f.get("step") is None else int(f["step"])) if "epoch" in f else None
         if f["fact"] == "checkpoint":
-            out[int(f["epoch"])] = (str(f["path"]), int(f["size"]), str(f["sha256"]))
-        elif f["fact"] in ("checkpoint_removed", "checkpoint_unavailable"):
-            e = int(f["epoch"])
-            if e in out and f.get("sha256", out[e][2]) == out[e][2]:
-                del out[e]
+            out[key] = (str(f["path"]), int(f["size"]), str(f["sha256"]))
+        elif f["fact"] in ("checkpoint_removed", "checkpoint_unavailable") and key in out and f.get(
+                "sha256", out[key][2]) == out[key][2]:  # fmt: skip
+            del out[key]
     return out
+
+
+PAUSES = ("stopped", "time limit", "preempted")
 
 
 def restart_table_problems(facts: list[dict], closed: bool = True) -> list[str]:
@@ -990,21 +1000,24 @@ def restart_table_problems(facts: list[dict], closed: bool = True) -> list[str]:
     problems: list[str] = []
     seeds: dict[int, int] = {}
     open_attempts: dict[int, int] = {}
+    last_attempt = None  # a pause resumes with the seed of the attempt just before
     for i, f in enumerate(facts):
         if f["fact"] != "attempt_started":
             if f["fact"] == "attempt_ended":
                 open_attempts.pop(int(f["attempt"]), None)
             continue
         a, load, start, seed = int(f["attempt"]), int(f["load_epoch"]), int(f["start_epoch"]), int(f["seed"])
+        step = None if f.get("load_step") is None else int(f["load_step"])
         verified = verified_checkpoints(facts[:i])
-        if start != load + 1:
-            problems.append(f"attempt {a}: start_epoch {start} != load_epoch {load} + 1")
-        if load != -1 and load not in verified:
-            problems.append(f"attempt {a} loads epoch {load}, which was not verified (or was removed) before it "
-                            f"started; verified then: {sorted(verified)}")  # fmt: skip
-        if seed in seeds:
-            problems.append(f"attempt {a} reuses seed {seed} of attempt {seeds[seed]}")
-        seeds[seed] = a
+        if start != (load + 1 if step is None else load):
+            problems.append(f"attempt {a}: start_epoch {start} does not follow load_epoch {load} (load_step {step})")
+        if load != -1 and (load, step) not in verified:
+            problems.append(f"attempt {a} loads epoch {load} step {step}, which was not verified (or was removed) "
+                            f"before it started; verified then: {sorted(verified, key=str)}")  # fmt: skip
+        exact = f.get("reason") in PAUSES or (f.get("reason") == "session lost" and step is not None)
+        if seed in seeds and not (exact and seeds[seed] == last_attempt):
+            problems.append(f"attempt {a} reuses seed {seed} of attempt {seeds[seed]} (reason {f.get('reason')!r})")
+        seeds[seed] = last_attempt = a
         open_attempts[a] = i
     if open_attempts and closed:
         problems.append(f"attempts never closed by an attempt_ended fact: {sorted(open_attempts)}")

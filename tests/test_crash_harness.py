@@ -63,6 +63,18 @@ def test_the_checks_themselves_catch_what_they_should():
     assert any("reuses seed 28" in p for p in restart_table_problems(reused))
     assert any("never closed" in p for p in restart_table_problems(ok[:4]))
     assert verified_checkpoints(removed) == {}
+    # a pause resumes with the seed of the attempt just before it, from a mid-epoch checkpoint or not
+    mid = {"fact": "checkpoint", "epoch": 1, "step": 4, "path": "checkpoints/epoch-0001-step-00000004.pt", "size": 3,
+           "sha256": "bb"}  # fmt: skip
+    paused = [*ok[:4], mid, {"fact": "attempt_ended", "attempt": 1},
+              {"fact": "attempt_started", "attempt": 2, "seed": 28, "load_epoch": 1, "load_step": 4, "start_epoch": 1,
+               "reason": "preempted"}, {"fact": "attempt_ended", "attempt": 2}]  # fmt: skip
+    assert restart_table_problems(paused) == []
+    assert any("reuses seed 28" in p for p in restart_table_problems([*paused[:6], {**paused[6], "reason": "nan"}]))
+    skipped = [*paused[:4], {**mid, "fact": "checkpoint_removed"}, *paused[5:]]
+    assert "was not verified" in restart_table_problems(skipped)[0]
+    wrong_start = [*paused[:6], {**paused[6], "start_epoch": 2}, paused[7]]
+    assert "does not follow" in restart_table_problems(wrong_start)[0]
 
     glued = b'{"fact":"checkp{"fact":"attempt_ended","attempt":0}\n{"fact":"checkpoint","epoch":null}\n{"fact":"ru'
     facts, bad, tail = parse_lines(glued)
