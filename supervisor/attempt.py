@@ -183,6 +183,7 @@ class Attempt:
             epochs = range(self.spec.start_epoch, self.cfg.epochs)
             self._scanner = CheckpointScanner(pattern, self.cfg.checkpoints.settle_s, epochs)
             self._scanner.baseline()
+        self.request_path.unlink(missing_ok=True)  # a request of an earlier run of this number is not for us
         argv = build_argv(self.cfg, self.placeholders())
         cwd = self.cfg.base_dir / (self.cfg.trainer.cwd or ".")
         self.pump = OutputPump(self.log_path, self.cfg.watch.tail_lines, echo=self.echo)

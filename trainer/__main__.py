@@ -1,11 +1,12 @@
 """`python -m trainer`: one training attempt.
 
 Under the supervisor everything comes from the SUPERVISOR_* environment (parameters from the JSON
-file at SUPERVISOR_PARAMS). Alone: `python -m trainer --params run.toml [--seed K] [--load-epoch E]
-[--epochs N] [--checkpoint-dir DIR]`.
+file at SUPERVISOR_PARAMS). Alone: `python -m trainer --params run.toml [--seed K] [--load-epoch E
+[--start-step S]] [--epochs N] [--checkpoint-dir DIR]`.
 
-Exit codes: 0 done, 1 crash, 2 bad parameters/data/usage, 3 non-finite loss (the NaN was reported
-as a step event first).
+Exit codes: 0 done, or stopped on request (a checkpoint request with stop, or SIGTERM: the
+checkpoint was written and announced first), 1 crash, 2 bad parameters/data/usage, 3 non-finite
+loss (the NaN was reported as a step event first).
 """
 
 from __future__ import annotations
@@ -32,6 +33,8 @@ def _args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--params", type=Path, help="JSON or TOML parameter file (default: $SUPERVISOR_PARAMS)")
     ap.add_argument("--seed", type=int, help="seed (default: $SUPERVISOR_SEED or 0)")
     ap.add_argument("--load-epoch", type=int, help="resume from this epoch's checkpoint (-1: fresh)")
+    ap.add_argument("--start-step", type=int, default=None,
+                    help="with --load-epoch E: resume from the checkpoint S optimizer steps into epoch E")  # fmt: skip
     ap.add_argument("--epochs", type=int, help="number of epochs (default: $SUPERVISOR_EPOCHS or num_epoch)")
     ap.add_argument("--checkpoint-dir", type=Path, help="default: $SUPERVISOR_CHECKPOINT_DIR or ./checkpoints")
     ap.add_argument("--events", type=Path, help="append protocol events to this file")
@@ -45,7 +48,11 @@ def _supervised(args: argparse.Namespace) -> Supervised:
     if args.seed is not None:
         changes["seed"] = args.seed
     if args.load_epoch is not None:
-        changes.update(load_epoch=args.load_epoch, start_epoch=args.load_epoch + 1, load_path=None)
+        step = max(0, args.start_step or 0)
+        start = args.load_epoch if step else args.load_epoch + 1
+        changes.update(load_epoch=args.load_epoch, start_epoch=start, start_step=step, load_path=None)
+    elif args.start_step is not None:
+        raise ValueError("--start-step needs --load-epoch")
     if args.epochs is not None:
         changes["epochs"] = args.epochs
     if args.checkpoint_dir is not None:
@@ -72,14 +79,15 @@ def main(argv: list[str] | None = None) -> int:
     from trainer.train import run  # imports torch: after the parameters are known to be good
 
     try:
-        run(params, sup)
+        result = run(params, sup)
     except NonFiniteLoss as exc:
         log.error("%s: ending this attempt (exit %d)", exc, EXIT_NONFINITE)
         return EXIT_NONFINITE
     except (DataError, ChecksumMismatch) as exc:
         log.error("%s", exc)
         return EXIT_BAD_INPUT
-    log.info("done")
+    if "stopped" not in result:
+        log.info("done")
     return 0
 
 

@@ -219,6 +219,9 @@ class EpochBatchSampler(Sampler[list[tuple[int, int, int]]]):
     Call `set_epoch` before iterating (persistent workers keep the sampler in the main process).
     The last incomplete batch is dropped; with multi-scale on, input sizes are drawn per group of
     `sizes_every` batches (one optimizer step) from `sizes`, otherwise every batch uses `base_size`.
+    A mid-epoch resume sets `skip`: the pass then starts at batch `skip` of the same epoch, with the
+    same sizes and augmentation seeds as an uninterrupted pass (the whole epoch's draws are made, the
+    first `skip` batches are dropped as lists of keys: no image is loaded for them).
     """
 
     def __init__(
@@ -230,12 +233,20 @@ class EpochBatchSampler(Sampler[list[tuple[int, int, int]]]):
         self.sizes_every = max(1, sizes_every)
         self.epoch = 0
         self.multiscale = True
+        self.skip = 0
 
-    def set_epoch(self, epoch: int, multiscale: bool) -> None:
-        self.epoch, self.multiscale = epoch, multiscale
+    def set_epoch(self, epoch: int, multiscale: bool, skip: int = 0) -> None:
+        """Select the epoch; its next pass starts after its first `skip` batches."""
+        self.epoch, self.multiscale, self.skip = epoch, multiscale, max(0, skip)
+
+    @property
+    def total(self) -> int:
+        """Batches of a whole epoch."""
+        return max(1, self.n // self.batch_size) if self.n else 0
 
     def __len__(self) -> int:
-        return max(1, self.n // self.batch_size) if self.n else 0
+        """Batches this pass yields (the whole epoch unless it skips some)."""
+        return max(0, self.total - self.skip)
 
     def batches(self) -> list[list[tuple[int, int, int]]]:
         g = torch.Generator().manual_seed(derive_seed(self.seed, self.epoch, 1))
@@ -245,7 +256,7 @@ class EpochBatchSampler(Sampler[list[tuple[int, int, int]]]):
         out = []
         bs = min(self.batch_size, self.n)
         size = self.base_size
-        for b in range(len(self)):
+        for b in range(self.total):
             if b % self.sizes_every == 0:
                 size = base if base is not None else int(rng.choice(self.sizes))
             idx = order[b * bs : (b + 1) * bs]
@@ -254,4 +265,4 @@ class EpochBatchSampler(Sampler[list[tuple[int, int, int]]]):
         return out
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
-        return iter(self.batches())
+        return iter(self.batches()[self.skip :])

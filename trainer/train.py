@@ -3,15 +3,23 @@
 Exact resume rests on three facts: the LR is a pure function of the position in training
 (trainer.schedule), each epoch's batches and augmentation are a pure function of (seed, epoch)
 (trainer.data.EpochBatchSampler), and the checkpoint holds every other piece of state (model with
-BN statistics, optimizer momentum, GradScaler, RNG states). It holds only tensors and primitive
-containers, so it loads with torch.load(weights_only=True).
+BN statistics, optimizer momentum, GradScaler, RNG states; mid-epoch also the epoch's running
+accumulators). It holds only tensors and primitive containers, so it loads with
+torch.load(weights_only=True).
+
+Checkpoints are written in the background (supervisor.client.Supervised.save_checkpoint): training
+goes on once the state is copied to host memory. A checkpoint request from the watchdog (or a
+SIGTERM) is served at the next optimizer step with a mid-epoch checkpoint; the next attempt starts
+exactly there (SUPERVISOR_START_STEP).
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +28,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from supervisor.client import Supervised
+from supervisor.client import CheckpointRequest, Supervised, capture_rng, restore_rng
 from trainer import faults
 from trainer.data import (
     DataError,
@@ -44,8 +52,19 @@ from trainer.synth import ensure_synthetic
 
 log = logging.getLogger("trainer")
 
-CHECKPOINT_FORMAT = 1
+# 2: RNG states of Python, NumPy, torch and CUDA (client.capture_rng); mid-epoch checkpoints add
+# "step" and "progress". Format 1 (torch/CUDA RNG only, end of epoch only) still loads.
+CHECKPOINT_FORMAT = 2
+READABLE_FORMATS = (1, 2)
 HEARTBEAT_EVERY_S = 5.0
+
+
+class Stopped(Exception):
+    """A stop request was served: the checkpoint is written and announced, the attempt ends (exit 0)."""
+
+    def __init__(self, epoch: int, step: int | None, reason: str) -> None:
+        super().__init__(epoch, step, reason)
+        self.epoch, self.step, self.reason = epoch, step, reason
 
 
 @dataclass
@@ -69,6 +88,8 @@ class Attempt:
     channels_last: bool
     history: dict[str, Any] = field(default_factory=dict)
     poisoned_grads: bool = False  # FAULT INJECTION amp_overflow fired in this attempt
+    resume_progress: dict[str, Any] | None = None  # the running epoch's accumulators of a mid-epoch checkpoint
+    eval_started: bool = False
 
 
 @dataclass
@@ -169,12 +190,12 @@ def setup(params: Params, sup: Supervised) -> Attempt:
     return att
 
 
-def checkpoint_state(att: Attempt, epoch: int, metrics: dict[str, Any]) -> dict[str, Any]:
-    """The checkpoint of `epoch`: tensors and primitive containers only."""
-    rng: dict[str, Any] = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        rng["cuda"] = torch.cuda.get_rng_state_all()
-    return {
+def checkpoint_state(
+    att: Attempt, epoch: int, metrics: dict[str, Any], progress: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The checkpoint of `epoch` (its end), or with `progress` of `progress["step"]` optimizer steps into
+    it: tensors and primitive containers only. The tensors are the live ones; save_checkpoint copies them."""
+    state = {
         "format": CHECKPOINT_FORMAT,
         "epoch": epoch,
         "seed": att.sup.seed,
@@ -182,32 +203,46 @@ def checkpoint_state(att: Attempt, epoch: int, metrics: dict[str, Any]) -> dict[
         "optimizer": att.optimizer.state_dict(),
         "scaler": att.scaler.state_dict(),
         "scheduler": att.schedule.state_dict(),
-        "rng": rng,
+        "rng": capture_rng(),
         "metrics": metrics,
         "params": att.params.model_dump(mode="json"),
     }
+    if progress is not None:
+        state["step"] = progress["step"]
+        state["progress"] = progress
+    return state
 
 
 def restore(att: Attempt, state: dict[str, Any]) -> None:
-    """Load model, optimizer, GradScaler and (for the same seed) RNG states from a checkpoint."""
-    if state.get("format") != CHECKPOINT_FORMAT:
+    """Load model, optimizer, GradScaler, (for the same seed) RNG states and, from a mid-epoch
+    checkpoint, the running epoch's accumulators."""
+    sup = att.sup
+    if state.get("format") not in READABLE_FORMATS:
         raise DataError(
-            f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}: it was not written by this trainer"
+            f"checkpoint format {state.get('format')!r} is not one of {READABLE_FORMATS}: it was not written by "
+            "this trainer"
         )
-    if state["epoch"] != att.sup.load_epoch:
-        log.warning("checkpoint says epoch %s but SUPERVISOR_LOAD_EPOCH is %d", state["epoch"], att.sup.load_epoch)
+    if state["epoch"] != sup.load_epoch:
+        log.warning("checkpoint says epoch %s but SUPERVISOR_LOAD_EPOCH is %d", state["epoch"], sup.load_epoch)
+    step = state.get("step")  # None: the end of the epoch
+    if step != (sup.start_step or None):
+        held = f"{step} steps into epoch {state['epoch']}" if step else f"the end of epoch {state['epoch']}"
+        raise DataError(f"the checkpoint holds {held} but SUPERVISOR_START_STEP is {sup.start_step}")
     att.model.load_state_dict(state["model"])
     att.optimizer.load_state_dict(state["optimizer"])
     if state.get("scaler"):
         att.scaler.load_state_dict(state["scaler"])
-    if state.get("seed") == att.sup.seed:
-        torch.set_rng_state(state["rng"]["torch"])
-        if torch.cuda.is_available() and "cuda" in state["rng"]:
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+    if state.get("seed") == sup.seed:
+        restore_rng(state["rng"])
+    elif step:
+        log.warning(
+            "resuming %d steps into epoch %d with seed %d, not the checkpoint's %s: the rest of the epoch "
+            "follows another order (not an exact resume)", step, state["epoch"], sup.seed, state.get("seed"),
+        )  # fmt: skip
     att.history = dict(state.get("metrics") or {})
-    log.info(
-        "resumed from the checkpoint of epoch %d (seed %d -> %d)", state["epoch"], state.get("seed", -1), att.sup.seed
-    )
+    att.resume_progress = dict(state["progress"]) if step else None
+    where = f"epoch {state['epoch']} step {step}" if step else f"epoch {state['epoch']}"
+    log.info("resumed from the checkpoint of %s (seed %d -> %d)", where, state.get("seed", -1), sup.seed)
 
 
 def _progress(iterable: Any, total: int, desc: str) -> Any:
@@ -256,22 +291,34 @@ def set_frozen(model: Detector, frozen: bool) -> None:
         model.backbone.eval()
 
 
-def train_epoch(att: Attempt, loader: DataLoader, sampler: EpochBatchSampler, epoch: int) -> dict[str, float]:
-    """One epoch of optimizer steps; reports every step; raises NonFiniteLoss on NaN/inf."""
+def train_epoch(
+    att: Attempt, loader: DataLoader, sampler: EpochBatchSampler, epoch: int, resume: dict[str, Any] | None = None
+) -> dict[str, float]:
+    """One epoch of optimizer steps; reports every step; raises NonFiniteLoss on NaN/inf.
+
+    After every optimizer step a pending checkpoint request is served with a mid-epoch checkpoint;
+    a stop request then ends the epoch with `Stopped`. `resume` (the "progress" of a mid-epoch
+    checkpoint) starts the epoch after its first `resume["step"]` optimizer steps, with the running
+    sums as they were, so the epoch's reported loss is that of an uninterrupted epoch.
+    """
     p, sup, model, opt, scaler = att.params, att.sup, att.model, att.optimizer, att.scaler
     model.train()
     set_frozen(model, epoch < p.freeze_epoch)
-    sampler.set_epoch(epoch, multiscale=epoch < p.multi_scale_epoch)
-    micro_total = len(sampler)
+    resume = resume or {}
+    micro_total = sampler.total
     steps = math.ceil(micro_total / att.accum)
+    # The micro-batches of the steps already trained are skipped in the sampler: no image is loaded for them.
+    skip = min(int(resume.get("step", 0)) * att.accum, micro_total)
+    sampler.set_epoch(epoch, multiscale=epoch < p.multi_scale_epoch, skip=skip)
     fmt = torch.channels_last if att.channels_last else torch.contiguous_format
     params_list = [q for g in opt.param_groups for q in g["params"]]
-    loss_sum, images, t0 = 0.0, 0, time.perf_counter()
-    skips = SkipCounter(p.amp_skip_limit, p.amp_min_scale)
-    comp: dict[str, float] = {}
-    step_loss, lr = 0.0, 0.0
+    loss_sum, images = float(resume.get("loss_sum", 0.0)), int(resume.get("images", 0))
+    t0 = time.perf_counter() - float(resume.get("seconds", 0.0))
+    skips = SkipCounter(p.amp_skip_limit, p.amp_min_scale, run=int(resume.get("amp_skip_run", 0)))
+    comp: dict[str, float] = dict(resume.get("comp", {}))
+    step_loss, lr = 0.0, float(resume.get("lr", 0.0))
     opt.zero_grad(set_to_none=True)
-    for mb, (imgs, gt) in enumerate(_progress(loader, micro_total, f"epoch {epoch}")):
+    for mb, (imgs, gt) in enumerate(_progress(loader, len(sampler), f"epoch {epoch}"), start=skip):
         step, first = divmod(mb, att.accum)
         first = first == 0
         if first:
@@ -315,6 +362,13 @@ def train_epoch(att: Attempt, loader: DataLoader, sampler: EpochBatchSampler, ep
                 sup.step(epoch, step, float("nan"), amp_skipped_steps=skips.run)
             sup.step(epoch, step, step_loss, lr=lr)
             loss_sum += step_loss
+            request = sup.checkpoint_requested()
+            if request is not None:  # served at once: the step numbers of the request and the checkpoint match
+                progress = {
+                    "step": step + 1, "loss_sum": loss_sum, "images": images, "comp": dict(comp),
+                    "amp_skip_run": skips.run, "lr": lr, "seconds": time.perf_counter() - t0,
+                }  # fmt: skip
+                serve(att, epoch, request, dict(att.history), progress)
     seconds = time.perf_counter() - t0
     parts = " ".join(f"{k} {v:.3g}" for k, v in comp.items())
     return {
@@ -326,11 +380,27 @@ def train_epoch(att: Attempt, loader: DataLoader, sampler: EpochBatchSampler, ep
     }
 
 
+def serve(
+    att: Attempt, epoch: int, request: CheckpointRequest, metrics: dict[str, Any], progress: dict[str, Any] | None
+) -> None:
+    """Save the checkpoint that serves `request` (mid-epoch with `progress`); on a stop request wait
+    until it is written and announced, then raise Stopped."""
+    sup = att.sup
+    step = progress["step"] if progress is not None else None
+    sup.save_checkpoint(checkpoint_state(att, epoch, metrics, progress), epoch, step=step, request=request)
+    if request.stop:
+        sup.wait()
+        raise Stopped(epoch, step, request.reason)
+
+
 @torch.no_grad()
 def evaluate(att: Attempt, loader: DataLoader, epoch: int) -> dict[str, Any]:
     """Eval loss, AP50 and VOCmAP over the first test_pr_batch_ratio of the test batches."""
     p, sup, model = att.params, att.sup, att.model
     model.eval()
+    if p.num_workers > 0 and not att.eval_started:
+        sup.wait()  # the eval workers are forked now: not while a checkpoint thread is writing
+    att.eval_started = True
     n_batches = max(1, math.ceil(p.test_pr_batch_ratio * len(loader)))
     dets: list[dict[str, Any]] = []
     seen: list[int] = []
@@ -373,9 +443,31 @@ def evaluate(att: Attempt, loader: DataLoader, epoch: int) -> dict[str, Any]:
 
 
 def run(params: Params, sup: Supervised) -> dict[str, Any]:
-    """Train epochs start_epoch .. epochs-1; returns the metrics of the last epoch."""
+    """Train epochs start_epoch .. epochs-1; returns the metrics of the last epoch, or
+    {"stopped": {"epoch", "step", "reason"}} when a stop request (or SIGTERM) ended the attempt."""
     if sup.events_path is not None:
         sup.events_path.parent.mkdir(parents=True, exist_ok=True)
+    if sup.start_step > 0 and sup.start_epoch != sup.load_epoch:
+        raise DataError(
+            f"SUPERVISOR_START_STEP={sup.start_step} resumes inside epoch SUPERVISOR_LOAD_EPOCH={sup.load_epoch}, "
+            f"but SUPERVISOR_START_EPOCH is {sup.start_epoch}"
+        )
+    in_main = threading.current_thread() is threading.main_thread()  # signal handlers live there only
+    previous = sup.install_sigterm_handler() if in_main else None
+    sup.handles_requests()
+    try:
+        with sup:  # leaving it waits for the last background checkpoint (and raises its error)
+            return _train(params, sup)
+    except Stopped as stop:
+        where = f"epoch {stop.epoch} step {stop.step}" if stop.step is not None else f"the end of epoch {stop.epoch}"
+        log.info("stopped at %s on request (%s)", where, stop.reason)
+        return {"stopped": {"epoch": stop.epoch, "step": stop.step, "reason": stop.reason}}
+    finally:
+        if in_main:  # a caller that runs several attempts in one process gets its handler back
+            signal.signal(signal.SIGTERM, previous if previous is not None else signal.SIG_DFL)
+
+
+def _train(params: Params, sup: Supervised) -> dict[str, Any]:
     att = setup(params, sup)
     start = sup.start_epoch
     log.info(
@@ -390,7 +482,8 @@ def run(params: Params, sup: Supervised) -> dict[str, Any]:
     sampler, train_loader, test_loader = _loaders(att)
     last: dict[str, Any] = {}
     for epoch in range(start, att.epochs):
-        stats = train_epoch(att, train_loader, sampler, epoch)
+        resume, att.resume_progress = att.resume_progress, None
+        stats = train_epoch(att, train_loader, sampler, epoch, resume)
         metrics: dict[str, Any] = {"train_loss": stats["loss"]}
         line = (
             f"epoch {epoch}/{att.epochs - 1} loss {stats['loss']:.4f} lr {stats['lr']:.5f} "
@@ -403,6 +496,13 @@ def run(params: Params, sup: Supervised) -> dict[str, Any]:
             line += f" | AP50 {ev['AP50']:.4f} VOCmAP {ev['VOCmAP']:.4f} eval loss {ev['loss']:.4f}"
         log.info(line)
         att.history[str(epoch)] = {k: v for k, v in metrics.items() if k != "per_class"}
-        sup.save_checkpoint(checkpoint_state(att, epoch, {**att.history, "last": metrics}), epoch)
         last = metrics
+        state_metrics = {**att.history, "last": metrics}
+        # A request that came during the eval is served by this checkpoint; a stop after the last
+        # epoch changes nothing (the run is complete).
+        request = sup.checkpoint_requested()
+        if request is not None and epoch + 1 < att.epochs:
+            serve(att, epoch, request, state_metrics, None)
+        else:
+            sup.save_checkpoint(checkpoint_state(att, epoch, state_metrics), epoch, request=request)
     return last
