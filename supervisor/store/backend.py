@@ -16,7 +16,7 @@ from pathlib import Path
 
 from supervisor.store.base import StoreError
 
-# Called with the number of bytes moved since the previous call.
+# Called with the number of bytes moved since the previous call (negative: a failed try takes them back).
 Progress = Callable[[int], None]
 
 
@@ -57,8 +57,11 @@ class ObjectBackend(ABC):
     def put_file(self, key: str, path: Path, sha256: str, progress: Progress | None = None) -> ObjectInfo:
         """Upload `path` as `key`; return only once the stored bytes are confirmed to hash to `sha256`.
 
-        The object under `key` is either absent, the previous version, or the complete new one.
-        Raises StoreError if the stored object does not match (it is deleted then).
+        The file is read once: the sha256 is computed from the very bytes sent. The object under `key`
+        is either absent, the previous version, or the complete new one. Raises LocalFileChanged when
+        the bytes read do not hash to `sha256` (`key` is then left as it was), StoreError if the stored
+        object does not match (it is deleted then). `progress` gets the bytes sent; a failed try that
+        is tried again first takes back what it reported, with a negative count.
         """
 
     @abstractmethod

@@ -127,21 +127,31 @@ class FileBackend(ObjectBackend):
         dest = self._path(key)
 
         def copy() -> ObjectInfo:
+            # One pass: each block is hashed as it is copied; the copy takes the key's place only if the
+            # digest of what was copied is `sha256`.
             h = hashlib.sha256()
             size = 0
-            with self._tempfile(dest) as (fd, tmp), open(path, "rb") as src:
-                while block := src.read(8 << 20):
-                    h.update(block)
-                    view = memoryview(block)
-                    while view:
-                        view = view[os.write(fd, view) :]
-                    size += len(block)
-                    if progress:
-                        progress(len(block))
-                os.fsync(fd)
-                if h.hexdigest() != sha256:
-                    raise LocalFileChanged(f"{path} has sha256 {h.hexdigest()[:12]}..., expected {sha256[:12]}...")
-                os.replace(tmp, dest)
+            try:
+                with self._tempfile(dest) as (fd, tmp), open(path, "rb") as src:
+                    while block := src.read(8 << 20):
+                        h.update(block)
+                        view = memoryview(block)
+                        while view:
+                            view = view[os.write(fd, view) :]
+                        size += len(block)
+                        if progress:
+                            progress(len(block))
+                    os.fsync(fd)
+                    if h.hexdigest() != sha256:
+                        raise LocalFileChanged(
+                            f"{path} changed: read {size} bytes with sha256 {h.hexdigest()[:12]}..., "
+                            f"recorded sha256 {sha256[:12]}..."
+                        )
+                    os.replace(tmp, dest)
+            except BaseException:
+                if progress and size:
+                    progress(-size)  # a failed try moved nothing that counts
+                raise
             fsync_dir(dest.parent)
             st = dest.stat()
             return ObjectInfo(key, size, f'"{st.st_mtime_ns:x}-{st.st_size:x}"', sha256)

@@ -2,18 +2,21 @@
 
 Two threads. The uploader runs checkpoint jobs one at a time: every queued upload before any
 removal, whenever the removal was queued; a removal only when `newest_committed()`, asked at that
-moment, names an epoch newer than the one it takes away; otherwise it waits until an upload
-finishes (or, on pause, for the next start). The ledger thread mirrors the latest ledger,
-coalescing changes. A job that fails for a reason a later try may fix (network, server, local I/O)
-is logged in one line and goes back to the head of its queue after a backoff with jitter; one that
-cannot work (its local file is gone, a bug) is dropped with one line. The caller's side only
-touches the queues under a lock that is never held across I/O, so it never waits on the network.
+moment, names a position (epoch, step) strictly later than the one it takes away; otherwise it
+waits until an upload finishes (or, on pause, for the next start). The ledger thread mirrors the
+latest ledger, coalescing changes. A job that fails for a reason a later try may fix (network,
+server, local I/O) is logged in one line and goes back to the head of its queue after a backoff
+with jitter; one that cannot work (its local file is gone or changed, a bug) is dropped with one
+line. The uploader also keeps the two gauges the watchdog plans with: the rate of the last few
+uploads and the bytes still to send. The caller's side only touches the queues under a lock that is
+never held across I/O, so it never waits on the network.
 """
 
 from __future__ import annotations
 
 import logging
 import random
+import statistics
 import threading
 import time
 from collections import deque
@@ -24,9 +27,12 @@ from pathlib import Path
 from supervisor.store.backend import LocalFileChanged, TransientStoreError
 from supervisor.store.base import CheckpointRecord, StoreError
 from supervisor.store.lease import Lease
-from supervisor.store.progress import human_bytes
+from supervisor.store.progress import ProgressLog, human_bytes
 
 log = logging.getLogger(__name__)
+
+
+RATE_SAMPLES = 5
 
 
 class Fenced(Exception):
@@ -45,16 +51,16 @@ class Job:
 
     def describe(self) -> str:
         what = "upload" if self.kind == "upload" else "removal"
-        return f"{what} of checkpoint epoch {self.record.epoch} ({self.record.path}, {human_bytes(self.record.size)})"
+        return f"{what} of checkpoint {self.record.label} ({self.record.path}, {human_bytes(self.record.size)})"
 
 
 @dataclass(frozen=True)
 class Actions:
     """The remote operations the threads perform; each may raise TransientStoreError / StoreError."""
 
-    upload: Callable[[Job], None]
+    upload: Callable[[Job, ProgressLog], None]  # reports the bytes it sends to the ProgressLog
     remove: Callable[[Job], None]
-    newest_committed: Callable[[], int]  # newest epoch with a committed manifest now; -1: none
+    newest_committed: Callable[[], tuple[int, int] | None]  # latest committed position now; None: none
     match_resumed: Callable[[list[tuple[int, str]], Path], list[Job]]  # removal jobs for (epoch, sha256)
     mirror_ledger: Callable[[bytes], None]
 
@@ -75,6 +81,8 @@ class Background:
         self._resumed_dir = Path(".")
         self._removals_waiting = False  # the last look found no removal allowed; new work resets it
         self._active: Job | None = None
+        self._progress: ProgressLog | None = None  # of the active upload
+        self._rates: deque[float] = deque(maxlen=RATE_SAMPLES)  # bytes/s of the last completed uploads
         self._ledger_path: Path | None = None
         self._ledger_dirty = False
         self._ledger_active = False
@@ -108,6 +116,21 @@ class Background:
     @property
     def error(self) -> str | None:
         return self._error
+
+    def upload_rate(self) -> float | None:
+        """Median bytes/s of the last RATE_SAMPLES uploads that sent bytes; None before the first."""
+        with self._cond:
+            rates = list(self._rates)
+        return statistics.median(rates) if rates else None
+
+    def backlog_bytes(self) -> int:
+        """Bytes of the queued uploads plus what the one in flight has still to send."""
+        with self._cond:
+            left = sum(job.record.size for job in self._uploads)
+            if self._active is not None and self._active.kind == "upload":
+                sent = self._progress.done if self._progress is not None else 0
+                left += max(0, self._active.record.size - sent)
+        return left
 
     def add_upload(self, record: CheckpointRecord, run_dir: Path) -> None:
         self._add(Job("upload", record, run_dir))
@@ -164,7 +187,7 @@ class Background:
         out = [f"{job.describe()}: {reason}" for job in jobs]
         waits = "waits for a newer committed checkpoint" if self._removals_waiting and not self._error else reason
         out += [f"{job.describe()}: {waits}" for job in self._removals]
-        out += [f"removal of checkpoint epoch {e} (sha256 {s[:12]}...) of an earlier session: {reason}"
+        out += [f"removal of a checkpoint of epoch {e} (sha256 {s[:12]}...) left by an earlier session: {reason}"
                 for e, s in self._resumed]  # fmt: skip
         if self._ledger_dirty or self._ledger_active:
             out.append(f"mirror of the ledger: {reason}")
@@ -188,6 +211,8 @@ class Background:
 
     def _fail(self, exc: StoreError) -> None:
         with self._cond:
+            if self._stopping:
+                return  # closing abandons a transfer: that is no fault of the store
             first = self._error is None
             if first:
                 self._error = str(exc)
@@ -235,11 +260,25 @@ class Background:
             job = self._active = self._uploads.popleft() if self._uploads else None
             resumed, run_dir = list(self._resumed), self._resumed_dir
         if job is not None:
-            self._run(job, self.actions.upload)
+            self._run(job, self._timed_upload)
         elif resumed:
             self._match_resumed(resumed, run_dir)
         else:
             self._next_removal()
+
+    def _timed_upload(self, job: Job) -> None:
+        """The upload action, its bytes sent counted for backlog_bytes; one that sent bytes (not one found
+        committed already) adds a rate sample, timed from its start to its commit, before the job counts
+        as done."""
+        progress = ProgressLog(f"upload of {job.record.path}", job.record.size)
+        with self._cond:
+            self._progress = progress
+        started = time.monotonic()
+        self.actions.upload(job, progress)
+        if progress.done > 0:
+            rate = job.record.size / max(time.monotonic() - started, 1e-6)
+            with self._cond:
+                self._rates.append(rate)
 
     def _match_resumed(self, pairs: list[tuple[int, str]], run_dir: Path) -> None:
         try:
@@ -253,10 +292,12 @@ class Background:
             self._removals_waiting = False
             self._cond.notify_all()
         if jobs:
-            log.info("resuming the removal of epochs %s left by an earlier session", [j.record.epoch for j in jobs])
+            labels = ", ".join(j.record.label for j in jobs)
+            log.info("resuming the removal of checkpoints %s left by an earlier session", labels)
 
     def _next_removal(self) -> None:
-        """Run the first queued removal older than the newest remote commit; none: wait for an upload."""
+        """Run the first queued removal at a position before the latest remote commit; none: wait for an
+        upload."""
         try:
             newest = self.actions.newest_committed()
         except (TransientStoreError, OSError) as exc:
@@ -265,18 +306,22 @@ class Background:
         with self._cond:
             if self._uploads:
                 return  # an upload arrived meanwhile: it goes first
-            job = next((j for j in self._removals if j.record.epoch < newest), None)
+            job = next((j for j in self._removals if newest is not None and j.record.position < newest), None)
             if job is not None:
                 self._removals.remove(job)
                 self._active = job
             else:
                 newly_waiting, self._removals_waiting = not self._removals_waiting, True
-                waiting = sorted(j.record.epoch for j in self._removals)
+                waiting = [j.record.label for j in sorted(self._removals, key=lambda j: j.record.position)]
                 self._cond.notify_all()
         if job is not None:
             self._run(job, self.actions.remove)
         elif newly_waiting and waiting:
-            log.info("removal of epochs %s waits: %s holds no newer committed checkpoint", waiting, self.where)
+            log.info(
+                "removal of checkpoints %s waits: %s holds no committed checkpoint after them",
+                ", ".join(waiting),
+                self.where,
+            )
 
     def _run(self, job: Job, action: Callable[[Job], None]) -> None:
         """Do `job`; one that may work later goes back to the head of its queue, one that cannot is dropped."""
@@ -286,12 +331,12 @@ class Background:
             keep = False
         except LocalFileChanged as exc:
             keep = False
-            log.warning("not uploading checkpoint epoch %d: %s", job.record.epoch, exc)
+            log.warning("not uploading checkpoint %s: %s", job.record.label, exc)
         except (TransientStoreError, OSError) as exc:
             local = job.run_dir / job.record.path
             if job.kind == "upload" and not local.exists():
                 keep = False
-                log.warning("not uploading checkpoint epoch %d: %s is gone", job.record.epoch, local)
+                log.warning("not uploading checkpoint %s: %s is gone", job.record.label, local)
                 return
             log.warning("%s failed (%s); will retry", job.describe(), exc)
             raise Retry from None
@@ -304,7 +349,7 @@ class Background:
             with self._cond:
                 if keep:
                     (self._uploads if job.kind == "upload" else self._removals).appendleft(job)
-                self._active = None
+                self._active = self._progress = None
                 if job.kind == "upload":
                     self._removals_waiting = False  # a new commit may allow a waiting removal
                 self._cond.notify_all()

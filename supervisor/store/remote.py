@@ -1,21 +1,26 @@
 """RemoteStore: checkpoints and the ledger kept in an object store, so a run outlives its machine.
 
 Remote layout under the run's root (<prefix>/<run name>/):
-  lease.json                  who drives the run (lease.py)
-  ledger.jsonl                mirror of the local ledger, rewritten after every change (coalesced)
-  <record.path>               checkpoint bytes, at the same relative path as in the run dir
-  manifest/epoch-EEEE.json    the commit record: epoch, path, size, sha256
+  lease.json                               who drives the run (lease.py)
+  ledger.jsonl                             mirror of the local ledger, rewritten after every change (coalesced)
+  <record.path>                            checkpoint bytes, at the same relative path as in the run dir
+  manifest/epoch-EEEE.json                 the commit record of epoch E's end: epoch, path, size, sha256
+  manifest/epoch-EEEE-step-SSSSSSSS.json   the commit record of a checkpoint S steps into epoch E (+ step)
+
+A checkpoint is known by its position (record.position: epoch, then step, an epoch's end after all
+of its steps); each position has one manifest key, and the key and the manifest must agree.
 
 Commit point last: a manifest is written only after its object is complete and the store confirmed
-its checksum. A checkpoint without a manifest does not exist remotely. Re-uploading an epoch with
+its checksum. A checkpoint without a manifest does not exist remotely. Re-uploading a position with
 other bytes first removes the old manifest. All writes happen on background threads and only
 while the lease is held; once it is lost they stop for good (fencing).
 
-Retention never empties the store: uploads always run before removals, and a removal of epoch E
-runs only while the store holds a committed manifest of a newer epoch, looked up at that moment.
-Until then it waits in the queue (and, if the run pauses first, the next start queues it again
-through resume_removals). The queueing methods (base.py lists them) never wait on the network;
-the threads and their rules are in jobs.py.
+Retention never empties the store: uploads always run before removals, and a removal of a
+checkpoint runs only while the store holds a committed manifest at a strictly later position,
+looked up at that moment. Until then it waits in the queue (and, if the run pauses first, the next
+start queues it again through resume_removals). The queueing methods and the two gauges
+(upload_rate, backlog_bytes; base.py lists them all) never wait on the network; the threads and
+their rules are in jobs.py.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from pathlib import Path
 from supervisor.durable import atomic_write, sha256_file
 from supervisor.layout import LEDGER_NAME
 from supervisor.store.backend import ObjectBackend
-from supervisor.store.base import CheckpointRecord, Store
+from supervisor.store.base import END_OF_EPOCH, CheckpointRecord, Store
 from supervisor.store.jobs import Actions, Background, Job
 from supervisor.store.lease import LEASE_KEY, Lease
 from supervisor.store.progress import ProgressLog, human_bytes
@@ -40,11 +45,26 @@ log = logging.getLogger(__name__)
 LEDGER_KEY = "ledger.jsonl"
 MANIFEST_DIR = "manifest"
 _RESERVED = (LEDGER_KEY, LEASE_KEY)
-_MANIFEST_RE = re.compile(rf"^{MANIFEST_DIR}/epoch-(\d+)\.json$")
+_MANIFEST_RE = re.compile(rf"^{MANIFEST_DIR}/epoch-(\d+)(?:-step-(\d+))?\.json$")
 
 
-def manifest_key(epoch: int) -> str:
-    return f"{MANIFEST_DIR}/epoch-{epoch:04d}.json"
+def manifest_key(epoch: int, step: int | None = None) -> str:
+    """The manifest of epoch `epoch`'s end, or with `step` of the checkpoint `step` steps into it."""
+    if step is None:
+        return f"{MANIFEST_DIR}/epoch-{epoch:04d}.json"
+    return f"{MANIFEST_DIR}/epoch-{epoch:04d}-step-{step:08d}.json"
+
+
+def _manifest_key_of(record: CheckpointRecord) -> str:
+    return manifest_key(record.epoch, record.step)
+
+
+def _key_position(key: str) -> tuple[int, int] | None:
+    """The position a manifest key names; None for a key that names none."""
+    m = _MANIFEST_RE.match(key)
+    if m is None:
+        return None
+    return (int(m.group(1)), END_OF_EPOCH if m.group(2) is None else int(m.group(2)))
 
 
 def _object_key(record: CheckpointRecord) -> str:
@@ -108,6 +128,17 @@ class RemoteStore(Store):
         """The one-line reason background work stopped for good (bad credentials...), else None."""
         return self._work.error
 
+    def upload_rate(self) -> float | None:
+        """Bytes per second of recent checkpoint uploads (the median of the last 5, each timed from the
+        start of its job to its commit); None until one completed. Reads what the uploader recorded,
+        never waits."""
+        return self._work.upload_rate()
+
+    def backlog_bytes(self) -> int:
+        """Bytes of checkpoint uploads still to send: those queued plus what the one in flight has not
+        sent yet; 0 when idle. Reads what the uploader keeps, never waits."""
+        return self._work.backlog_bytes()
+
     # -- resume -------------------------------------------------------------------------------
 
     def restore(self, run_dir: Path) -> bool:
@@ -124,14 +155,13 @@ class RemoteStore(Store):
         return True
 
     def remote_checkpoints(self) -> list[CheckpointRecord]:
-        """The committed checkpoints (those with a manifest), by epoch."""
+        """The committed checkpoints (those with a readable manifest), in training order (by position)."""
         out = []
-        for info in self.backend.list(MANIFEST_DIR + "/"):
-            found = self.backend.get_bytes(info.key)
-            record = _parse_manifest(found[0]) if found else None
+        for position, key in self._listed_manifests():
+            record = self._read_manifest(key, position)
             if record is not None:
                 out.append(record)
-        return sorted(out, key=lambda r: r.epoch)
+        return sorted(out, key=lambda r: r.position)
 
     def ensure_local(self, record: CheckpointRecord, run_dir: Path) -> bool:
         """Make `record` whole under run_dir, downloading it if needed.
@@ -144,22 +174,21 @@ class RemoteStore(Store):
         _remove_stale_downloads(local)
         if _is_whole(local, record):
             return True
-        found = self.backend.get_bytes(manifest_key(record.epoch))
-        committed = _parse_manifest(found[0]) if found else None
+        committed = self._read_manifest(_manifest_key_of(record), record.position)
         if committed is None or committed.sha256 != record.sha256 or committed.path != record.path:
-            log.warning("checkpoint epoch %d is not committed in %s", record.epoch, self.describe())
+            log.warning("checkpoint %s is not committed in %s", record.label, self.describe())
             return False
         tmp = local.with_name(f".{local.name}.download")
         started = time.monotonic()
         progress = ProgressLog(f"download of {record.path}", record.size)
         try:
             if not self.backend.get_file(_object_key(record), tmp, progress):
-                log.warning("checkpoint epoch %d has a manifest but no object in %s", record.epoch, self.describe())
+                log.warning("checkpoint %s has a manifest but no object in %s", record.label, self.describe())
                 return False
             if not _is_whole(tmp, record):
                 log.warning(
-                    "checkpoint epoch %d downloaded from %s does not match its sha256: corrupt, skipped",
-                    record.epoch,
+                    "checkpoint %s downloaded from %s does not match its sha256: corrupt, skipped",
+                    record.label,
                     self.describe(),
                 )
                 return False
@@ -168,8 +197,8 @@ class RemoteStore(Store):
             tmp.unlink(missing_ok=True)
         elapsed = time.monotonic() - started
         log.info(
-            "downloaded checkpoint epoch %d (%s in %.1fs) and verified its sha256",
-            record.epoch,
+            "downloaded checkpoint %s (%s in %.1fs) and verified its sha256",
+            record.label,
             human_bytes(record.size),
             elapsed,
         )
@@ -195,14 +224,15 @@ class RemoteStore(Store):
     def resume_removals(self, removed: list[tuple[int, str]], run_dir: Path) -> None:
         """Queue removals an earlier session could not finish; returns at once.
 
-        In the background, every committed manifest whose (epoch, sha256) is in `removed` gets a
-        removal job, subject to the rule of every removal (a newer commit must exist).
+        In the background, every committed manifest whose (epoch, sha256) is in `removed`, of an
+        epoch's end or of a step in it, gets a removal job, subject to the rule of every removal (a
+        commit at a later position must exist).
         """
         self._work.resume_removals(removed, run_dir)
 
     def remove_checkpoint(self, record: CheckpointRecord, run_dir: Path) -> None:
         """Delete the local file now; the manifest and then the object go in the background, once a
-        newer checkpoint is committed remotely."""
+        checkpoint at a later position is committed remotely."""
         try:
             (run_dir / record.path).unlink(missing_ok=True)
         except OSError as exc:
@@ -222,33 +252,31 @@ class RemoteStore(Store):
 
     # -- the remote operations, run on the background threads (jobs.py) ------------------------
 
-    def _upload(self, job: Job) -> None:
+    def _upload(self, job: Job, progress: ProgressLog) -> None:
         """Upload and commit `job.record` unless it is committed already; writes are fenced."""
-        record, mkey = job.record, manifest_key(job.record.epoch)
+        record, mkey = job.record, _manifest_key_of(job.record)
         found = self.backend.get_bytes(mkey)
-        committed = _parse_manifest(found[0]) if found else None
-        if committed == record:
+        if found is not None and _parse_manifest(found[0]) == record:
             head = self.backend.head(_object_key(record))
             if head is not None and head.size == record.size:
-                log.debug("checkpoint epoch %d is already committed", record.epoch)
+                log.debug("checkpoint %s is already committed", record.label)
                 return
         local = job.run_dir / record.path
         if not local.exists():
-            log.warning("not uploading checkpoint epoch %d: %s is gone", record.epoch, local)
+            log.warning("not uploading checkpoint %s: %s is gone", record.label, local)
             return
-        if committed is not None:
+        if found is not None:
             self._work.fence()
             self.backend.delete(mkey)  # uncommit before the object under it changes
         self._work.fence()
         started = time.monotonic()
-        progress = ProgressLog(f"upload of {record.path}", record.size)
         self.backend.put_file(_object_key(record), local, record.sha256, progress)
         self._work.fence()
         self.backend.put_bytes(mkey, _dump_manifest(record))
         elapsed = time.monotonic() - started
         log.info(
-            "committed checkpoint epoch %d to %s (%s in %.1fs, %s/s)",
-            record.epoch,
+            "committed checkpoint %s to %s (%s in %.1fs, %s/s)",
+            record.label,
             self.describe(),
             human_bytes(record.size),
             elapsed,
@@ -256,33 +284,41 @@ class RemoteStore(Store):
         )
 
     def _remove(self, job: Job) -> None:
-        """Uncommit, then delete `job.record`, unless the store holds another version of its epoch."""
-        record, mkey = job.record, manifest_key(job.record.epoch)
+        """Uncommit, then delete `job.record`, unless the store holds another version of its position."""
+        record, mkey = job.record, _manifest_key_of(job.record)
         found = self.backend.get_bytes(mkey)
         committed = _parse_manifest(found[0]) if found else None
         if committed is not None and committed.sha256 != record.sha256:
-            log.info("remote checkpoint epoch %d is another version; left in place", record.epoch)
+            log.info("remote checkpoint %s is another version; left in place", record.label)
             return
-        if committed is not None:
+        if found is not None:
             self._work.fence()
             self.backend.delete(mkey)
         self._work.fence()
         self.backend.delete(_object_key(record))
-        log.info("removed checkpoint epoch %d from %s", record.epoch, self.describe())
+        log.info("removed checkpoint %s from %s", record.label, self.describe())
 
-    def _newest_committed(self) -> int:
-        """The newest epoch with a readable manifest in the store, looked up now; -1 when none."""
-        listed = [(int(m.group(1)), info.key) for info in self.backend.list(MANIFEST_DIR + "/")
-                  if (m := _MANIFEST_RE.match(info.key))]  # fmt: skip
-        for epoch, key in sorted(listed, reverse=True):
-            found = self.backend.get_bytes(key)
-            record = _parse_manifest(found[0]) if found else None
-            if record is not None and record.epoch == epoch:
-                return epoch
-        return -1
+    def _listed_manifests(self) -> list[tuple[tuple[int, int], str]]:
+        """(position, key) of every manifest key in the store, listed now."""
+        listed = ((_key_position(info.key), info.key) for info in self.backend.list(MANIFEST_DIR + "/"))
+        return [(position, key) for position, key in listed if position is not None]
+
+    def _read_manifest(self, key: str, position: tuple[int, int]) -> CheckpointRecord | None:
+        """The record a manifest commits, if it is readable and names the position its key does."""
+        found = self.backend.get_bytes(key)
+        record = _parse_manifest(found[0]) if found else None
+        return record if record is not None and record.position == position else None
+
+    def _newest_committed(self) -> tuple[int, int] | None:
+        """The latest position with a readable manifest in the store, looked up now; None when none."""
+        for position, key in sorted(self._listed_manifests(), reverse=True):
+            if self._read_manifest(key, position) is not None:
+                return position
+        return None
 
     def _match_resumed(self, removed: list[tuple[int, str]], run_dir: Path) -> list[Job]:
-        """Removal jobs for the committed checkpoints whose (epoch, sha256) is in `removed`."""
+        """Removal jobs for the committed checkpoints (epoch ends and mid-epoch ones) whose (epoch,
+        sha256) is in `removed`; the sha256 tells apart the checkpoints of one epoch."""
         wanted = set(removed)
         return [Job("remove", r, run_dir) for r in self.remote_checkpoints() if (r.epoch, r.sha256) in wanted]
 
@@ -308,7 +344,11 @@ def _is_whole(path: Path, record: CheckpointRecord) -> bool:
 
 
 def _dump_manifest(record: CheckpointRecord) -> bytes:
-    body = {"epoch": record.epoch, "path": record.path, "size": record.size, "sha256": record.sha256}
+    """The manifest body; "step" only for a mid-epoch checkpoint (epoch ends keep their old form)."""
+    body: dict[str, object] = {"epoch": record.epoch, "path": record.path, "size": record.size}
+    body["sha256"] = record.sha256
+    if record.step is not None:
+        body["step"] = record.step
     body["committed_at"] = time.time()
     return json.dumps(body, sort_keys=True).encode()
 
@@ -316,6 +356,13 @@ def _dump_manifest(record: CheckpointRecord) -> bytes:
 def _parse_manifest(data: bytes) -> CheckpointRecord | None:
     try:
         raw = json.loads(data)
-        return CheckpointRecord(int(raw["epoch"]), str(raw["path"]), int(raw["size"]), str(raw["sha256"]))
-    except (ValueError, TypeError, KeyError):
+        step = raw.get("step")
+        return CheckpointRecord(
+            int(raw["epoch"]),
+            str(raw["path"]),
+            int(raw["size"]),
+            str(raw["sha256"]),
+            None if step is None else int(step),
+        )
+    except (ValueError, TypeError, KeyError, AttributeError):
         return None

@@ -1,20 +1,25 @@
 """S3-compatible backend (AWS, SeaweedFS, MinIO, R2, B2) on boto3 and its transfer manager.
 
-Credentials come from boto3's standard chain only. Uploads carry SHA-256 checksums the server
-verifies per request (per part for multipart uploads); afterwards the object's stored checksum is
-compared with one computed from the local file, so a file that changed mid-upload or a server that
-kept other bytes never counts as uploaded. Transient faults are retried with exponential backoff
-and full jitter (botocore retries each request a little, tenacity the whole operation); permanent
-ones become one StoreError line naming the problem and the fix, never the secret.
+Credentials come from boto3's standard chain only. An upload reads the file once: every block read
+is hashed, in file order, into the whole-file sha256 and into the SHA-256 checksum of the request
+(or part) that carries it, which the server verifies. A multipart upload is completed, and a single
+PUT sent, only when the whole-file digest of what was sent is the sha256 the caller expects; else it
+is aborted and LocalFileChanged raised (the file changed meanwhile). Afterwards the object's stored
+checksum is compared with the one computed from those same bytes, so a server that kept other bytes
+never counts either. Downloads use boto3's transfer manager. Transient faults are retried with
+exponential backoff and full jitter (botocore retries each request a little, tenacity the whole
+operation); permanent ones become one StoreError line naming the problem and the fix, never the secret.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import hashlib
 import logging
+import threading
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -83,28 +88,13 @@ def sha256_b64(digest: bytes) -> str:
     return base64.b64encode(digest).decode("ascii")
 
 
-def file_checksums(path: Path, part_size: int | None) -> tuple[str, str]:
-    """(hex sha256 of the file, the S3 SHA-256 checksum of an upload in parts of `part_size`).
-
-    With part_size None the S3 checksum is the plain base64 digest; otherwise it is the composite
-    form S3 reports for multipart objects: base64(sha256(concatenated part digests))-<parts>.
-    """
-    whole = hashlib.sha256()
-    parts: list[bytes] = []
-    with open(path, "rb") as f:
-        while True:
-            block = f.read(part_size or (8 << 20))
-            if not block and (parts or part_size is None):
-                break
-            whole.update(block)
-            if part_size is not None:
-                parts.append(hashlib.sha256(block).digest())
-            if not block:
-                break
-    if part_size is None:
-        return whole.hexdigest(), sha256_b64(whole.digest())
-    composite = hashlib.sha256(b"".join(parts)).digest()
-    return whole.hexdigest(), f"{sha256_b64(composite)}-{len(parts)}"
+def _check_sent(path: Path, read: int, size: int, actual: str, expected: str) -> None:
+    """Raise LocalFileChanged unless the bytes read for upload are the recorded size and sha256."""
+    if read != size or actual != expected:
+        raise LocalFileChanged(
+            f"{path} changed: read {read} bytes with sha256 {actual[:12]}..., "
+            f"recorded {size} bytes with sha256 {expected[:12]}..."
+        )
 
 
 class S3Backend(ObjectBackend):
@@ -135,6 +125,15 @@ class S3Backend(ObjectBackend):
             max_pool_connections=settings.max_concurrency + 4,
         )
         self._client = session.client("s3", endpoint_url=settings.endpoint_url, config=config)
+        # Checkpoint bytes go through a client that does not sign the payload: each of those requests
+        # carries the SHA-256 of its body in a signed header the server verifies, so signing the payload
+        # as well would hash every byte once more for nothing (botocore itself skips it over https when
+        # it adds the checksum). A server that does not confirm the checksum gets signed payloads.
+        unsigned = {"addressing_style": settings.addressing_style, "payload_signing_enabled": False}
+        self._data_client = session.client(
+            "s3", endpoint_url=settings.endpoint_url, config=config.merge(Config(s3=unsigned))
+        )
+        self._sign_payloads = False
         creds = session.get_credentials()
         frozen = creds.get_frozen_credentials() if creds is not None else None
         self._secrets = [s for s in (frozen.secret_key, frozen.token) if s] if frozen else []
@@ -144,7 +143,8 @@ class S3Backend(ObjectBackend):
             max_concurrency=settings.max_concurrency,
             preferred_transfer_client="classic",
         )
-        self._tm = TransferManager(self._client, self._transfer_config)
+        self._tm = TransferManager(self._client, self._transfer_config)  # downloads
+        self._closed = False
 
     # -- errors and retries -------------------------------------------------------------------
 
@@ -156,7 +156,7 @@ class S3Backend(ObjectBackend):
     def _classify(self, exc: BaseException, what: str) -> StoreError | PreconditionFailed | LocalFileChanged:
         """Turn a boto/network exception into PreconditionFailed, TransientStoreError or StoreError."""
         where = self._where
-        if isinstance(exc, (StoreError, PreconditionFailed)):
+        if isinstance(exc, (StoreError, PreconditionFailed, LocalFileChanged)):
             return exc
         if isinstance(exc, (bx.NoCredentialsError, bx.PartialCredentialsError)):
             return StoreError(f"no S3 credentials found for {where}: {SECRET_HINT}")
@@ -233,28 +233,29 @@ class S3Backend(ObjectBackend):
         )
 
     def put_file(self, key: str, path: Path, sha256: str, progress: Progress | None = None) -> ObjectInfo:
+        """Upload `path` reading it once (see the module docstring): `key` gets only bytes whose sha256
+        is `sha256`; a file that changed meanwhile raises LocalFileChanged and leaves `key` as it was."""
         size = path.stat().st_size
-        multipart = size >= self._transfer_config.multipart_threshold
-        part = ChunksizeAdjuster().adjust_chunksize(self._transfer_config.multipart_chunksize, size)
-        full_key = self._key(key)
-        extra = {"ChecksumAlgorithm": "SHA256", "Metadata": {"sha256": sha256}}
-        subscribers = [_ProgressSubscriber(progress)] if progress else None
+        send = self._put_parts if size >= self._transfer_config.multipart_threshold else self._put_whole
+        moved = 0  # bytes this try reported to `progress`; a failed try takes them back
+        lock = threading.Lock()  # parts report from their own threads
 
-        def upload() -> None:
-            future = self._tm.upload(str(path), self.bucket, full_key, extra_args=extra, subscribers=subscribers)
-            future.result()
+        def report(n: int) -> None:
+            nonlocal moved
+            with lock:
+                moved += n
+            if progress:
+                progress(n)
 
-        # Hash the local file while it uploads (the upload is bound by the network or the server);
-        # nothing counts as uploaded until both the local digest and the stored checksum agree.
-        with ThreadPoolExecutor(1, thread_name_prefix="s3-hash") as pool:
-            hashing = pool.submit(file_checksums, path, part if multipart else None)
+        def attempt() -> str:
             try:
-                self._call(f"upload of {key}", upload)
-            finally:
-                actual, expected_checksum = hashing.result()
-        if actual != sha256:
-            self.delete(key)
-            raise LocalFileChanged(f"{path} has sha256 {actual[:12]}..., expected {sha256[:12]}...")
+                return send(key, path, size, sha256, report)
+            except BaseException:
+                report(-moved)
+                raise
+
+        expected_checksum = self._call(f"upload of {key}", attempt)
+        full_key = self._key(key)
         head = self._call(
             f"check of {key}",
             lambda: self._client.head_object(Bucket=self.bucket, Key=full_key, ChecksumMode="ENABLED"),
@@ -270,6 +271,92 @@ class S3Backend(ObjectBackend):
         if not comparable:
             log.debug("%s reported no comparable SHA-256 for %s; relying on per-request checks", self._where, key)
         return ObjectInfo(key=key, size=size, etag=head["ETag"], sha256=sha256)
+
+    def _put_whole(self, key: str, path: Path, size: int, sha256: str, report: Progress) -> str:
+        """One PUT of a file below the multipart threshold, read into memory and hashed once; returns
+        its SHA-256 checksum (base64). Nothing is sent when the bytes read are not `sha256`."""
+        with open(path, "rb") as f:
+            data = f.read(size + 1)  # one byte more: a file that grew is caught too
+        digest = hashlib.sha256(data)
+        _check_sent(path, len(data), size, digest.hexdigest(), sha256)
+        checksum = sha256_b64(digest.digest())
+        self._put_body("put_object", checksum, Key=self._key(key), Body=data, Metadata={"sha256": sha256})
+        report(size)
+        return checksum
+
+    def _put_parts(self, key: str, path: Path, size: int, sha256: str, report: Progress) -> str:
+        """A multipart upload: this thread reads the parts in order and hashes each into the whole-file
+        sha256; up to max_concurrency parts are in flight (that many parts of memory, plus the one being
+        read), each hashed on its sending thread into the SHA-256 checksum the server verifies. Completed
+        only if the whole digest is `sha256`; on any failure aborted. Returns the composite checksum
+        base64(sha256(part digests))-<parts> that S3 reports for the object."""
+        full_key = self._key(key)
+        part_size = ChunksizeAdjuster().adjust_chunksize(self._transfer_config.multipart_chunksize, size)
+        created = self._client.create_multipart_upload(
+            Bucket=self.bucket, Key=full_key, ChecksumAlgorithm="SHA256", Metadata={"sha256": sha256}
+        )
+        upload_id = created["UploadId"]
+        concurrency = self.settings.max_concurrency
+        slots = threading.Semaphore(concurrency)
+        failed = threading.Event()
+
+        def send(number: int, block: bytes) -> dict[str, Any]:
+            try:
+                checksum = sha256_b64(hashlib.sha256(block).digest())
+                response = self._put_body(
+                    "upload_part", checksum, Key=full_key, UploadId=upload_id, PartNumber=number, Body=block
+                )
+                report(len(block))
+                return {"PartNumber": number, "ETag": response["ETag"], "ChecksumSHA256": checksum}
+            except BaseException:
+                failed.set()
+                raise
+            finally:
+                slots.release()
+
+        whole = hashlib.sha256()
+        read = 0
+        sending: list[Future[dict[str, Any]]] = []
+        try:
+            with open(path, "rb") as f, ThreadPoolExecutor(concurrency, thread_name_prefix="s3-part") as pool:
+                while read < size and not failed.is_set() and not self._closed:
+                    block = f.read(min(part_size, size - read))
+                    if not block:
+                        break
+                    whole.update(block)
+                    read += len(block)
+                    slots.acquire()
+                    sending.append(pool.submit(send, len(sending) + 1, block))
+                read += len(f.read(1))  # a file that grew is caught too
+            parts = [future.result() for future in sending]  # the first failure, if any, is raised here
+            if self._closed:
+                raise StoreError(f"{self._where}: upload of {key} abandoned: the store was closed")
+            _check_sent(path, read, size, whole.hexdigest(), sha256)
+            self._client.complete_multipart_upload(
+                Bucket=self.bucket, Key=full_key, UploadId=upload_id, MultipartUpload={"Parts": parts}
+            )
+        except BaseException:
+            wait(sending)
+            with contextlib.suppress(Exception):  # best effort: a lifecycle rule reaps what is left
+                self._client.abort_multipart_upload(Bucket=self.bucket, Key=full_key, UploadId=upload_id)
+            raise
+        digests = b"".join(base64.b64decode(part["ChecksumSHA256"]) for part in parts)
+        return f"{sha256_b64(hashlib.sha256(digests).digest())}-{len(parts)}"
+
+    def _put_body(self, operation: str, checksum: str, **kwargs: Any) -> dict[str, Any]:
+        """put_object or upload_part of checkpoint bytes with their SHA-256 `checksum`, the payload not
+        signed. A server must confirm the checksum (S3 returns it: it checked it); one that does not is
+        sent this body again, and every later one, with a signed payload, which it checks instead."""
+        if not self._sign_payloads:
+            response = getattr(self._data_client, operation)(Bucket=self.bucket, ChecksumSHA256=checksum, **kwargs)
+            confirmed = response.get("ChecksumSHA256")
+            if confirmed == checksum:
+                return response
+            if confirmed is not None:
+                raise TransientStoreError(f"{self._where}: the server took a body with another SHA-256 than sent")
+            log.info("%s does not confirm SHA-256 checksums: checkpoint payloads are signed instead", self._where)
+            self._sign_payloads = True
+        return getattr(self._client, operation)(Bucket=self.bucket, ChecksumSHA256=checksum, **kwargs)
 
     def get_file(self, key: str, path: Path, progress: Progress | None = None) -> bool:
         if self.head(key) is None:
@@ -338,4 +425,5 @@ class S3Backend(ObjectBackend):
         self._call(f"delete of {key}", lambda: self._client.delete_object(Bucket=self.bucket, Key=self._key(key)))
 
     def close(self) -> None:
+        self._closed = True  # an upload still running stops before its next part and is aborted
         self._tm.shutdown(cancel=True)

@@ -219,18 +219,20 @@ class TcpProxy:
                     s.shutdown(socket.SHUT_RDWR)
 
 
-def make_checkpoint(run_dir: Path, epoch: int, size: int = 256 * 1024):
-    """Write a checkpoint file of random bytes and return its CheckpointRecord."""
+def make_checkpoint(run_dir: Path, epoch: int, size: int = 256 * 1024, step: int | None = None):
+    """Write a checkpoint file of random bytes and return its CheckpointRecord: of epoch `epoch`'s end,
+    or with `step` of a mid-epoch checkpoint (named as the trainer names them)."""
     import hashlib
 
     from supervisor.store.base import CheckpointRecord
 
-    rel = f"checkpoints/epoch-{epoch:04d}.pt"
+    name = f"epoch-{epoch:04d}.pt" if step is None else f"epoch-{epoch:04d}-step-{step:08d}.pt"
+    rel = f"checkpoints/{name}"
     path = run_dir / rel
     path.parent.mkdir(parents=True, exist_ok=True)
     data = os.urandom(size)
     path.write_bytes(data)
-    return CheckpointRecord(epoch=epoch, path=rel, size=size, sha256=hashlib.sha256(data).hexdigest())
+    return CheckpointRecord(epoch=epoch, path=rel, size=size, sha256=hashlib.sha256(data).hexdigest(), step=step)
 
 
 @dataclass
