@@ -83,6 +83,7 @@ class Watchdog:
         self.costs = D.Costs()  # measured this session; earlier sessions' in the ledger's plan facts
         self._interval: float | None = None  # every_s = "auto": the interval chosen last
         self._interval_measured = False  # ... from measured costs (not the first probe)
+        self._interval_why: str | None = None
         self._lost_rules: tuple[int, EventRules] | None = None  # a lost attempt's events, for its work lost
         self._earlier_costs = D.Costs()
 
@@ -182,7 +183,7 @@ class Watchdog:
             measured = not why.startswith(D.PROBE_WHY)
             if self._interval is None or abs(every - self._interval) > 0.2 * self._interval or (
                     measured and not self._interval_measured):  # fmt: skip
-                self._interval, self._interval_measured = every, measured
+                self._interval, self._interval_measured, self._interval_why = every, measured, why
                 log.info("checkpoints every %.0fs of training (every_s = auto: %s)", every, why)
                 self.ledger.append(L.PLAN, **self.current_costs().fields(), every_s=round(every, 1), why=why)
         since = max(rules.first_step_t, rules.last_checkpoint_t() or 0.0)
@@ -567,7 +568,7 @@ class Watchdog:
         why = self._pause_why or why
         costs = self.current_costs()
         if any(v is not None for v in costs.fields().values()):
-            self.ledger.append(L.PLAN, **costs.fields(), every_s=self._interval)
+            self.ledger.append(L.PLAN, **costs.fields(), every_s=self._interval, why=self._interval_why)
         self.ledger.append(L.RUN_ENDED, status=status, diagnosis=why, not_uploaded=missing)
         if not missing:  # the last ledger line itself; after a drain that timed out it would time out too
             self.store.drain(min(budget, 30.0))

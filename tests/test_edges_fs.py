@@ -30,7 +30,9 @@ def test_run_dir_deleted_mid_run_pauses_with_one_line(tmp_path):
     run_dir = tmp_path / "runs" / "run"
     proc = start_bg(toml)
     wait_for(lambda: reached(run_dir, 1), timeout=60, what="a checkpoint")
-    shutil.rmtree(run_dir)
+    gone = tmp_path / "deleted"  # a rename is atomic; an rmtree races with files the trainer is creating
+    run_dir.rename(gone)
+    shutil.rmtree(gone, ignore_errors=True)
     assert proc.wait(timeout=60) == 75
     stderr = proc.stderr.read()
     one_clear_line(stderr, "vanished")
