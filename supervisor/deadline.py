@@ -18,8 +18,11 @@ import statistics
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-# Seconds kept after the final commit for the ledger's last line and the processes' exits.
+# Slack of the plan: the time limit pauses this much earlier than the measured costs need; a pause
+# lets the trainer use it (a slower step, a busy machine).
 RESERVE_S = 5.0
+# Seconds kept after the final commit for the ledger's last line and the processes' exits.
+END_RESERVE_S = 1.0
 # Measured costs vary (a slower step, a busier network): the plan asks this much more than measured.
 SAFETY = 1.25
 # "auto": the first checkpoint comes after this much training, to measure what one costs (CheckFreq
@@ -89,17 +92,17 @@ def time_limit_margin(costs: Costs, floor_s: float, backlog: int = 0) -> float:
 
 def pause_budget(left_s: float | None, costs: Costs, backlog: int, default_s: float) -> float:
     """How long a pause may wait for the trainer's final checkpoint: with `left_s` seconds until the machine
-    goes, what remains after the upload and the reserve; without a deadline, `default_s`."""
+    goes, what remains after the upload (with SAFETY) and END_RESERVE_S; without a deadline, `default_s`."""
     if left_s is None:
         return default_s
-    return max(0.0, left_s - SAFETY * (upload_s(costs, backlog) or 0.0) - RESERVE_S)
+    return max(0.0, left_s - SAFETY * (upload_s(costs, backlog) or 0.0) - END_RESERVE_S)
 
 
 def drain_budget(left_s: float | None, configured_s: float) -> float:
     """How long the final drain may wait: `drain_timeout_s`, and never past the deadline's reserve."""
     if left_s is None:
         return configured_s
-    return max(0.0, min(configured_s, left_s - 1.0))
+    return max(0.0, min(configured_s, left_s - END_RESERVE_S))
 
 
 def auto_interval(costs: Costs, share: float) -> tuple[float, str]:

@@ -37,8 +37,12 @@ def test_final_checkpoint_time_adds_step_save_and_upload_with_safety():
 def test_pause_and_drain_budgets_are_bounded_by_the_time_left():
     costs = D.Costs(size=10_000_000, upload_bps=1_000_000)
     assert D.pause_budget(None, costs, 0, default_s=30.0) == 30.0
-    assert D.pause_budget(60.0, costs, 0, default_s=30.0) == pytest.approx(60 - D.SAFETY * 10 - D.RESERVE_S)
+    assert D.pause_budget(60.0, costs, 0, default_s=30.0) == pytest.approx(60 - D.SAFETY * 10 - D.END_RESERVE_S)
     assert D.pause_budget(5.0, costs, 0, default_s=30.0) == 0.0  # no time to save: straight to SIGTERM
+    # at the moment the time limit pauses, the trainer gets its measured step and save plus the plan's slack
+    timed = D.Costs(step_s=1.0, save_s=2.0, size=10_000_000, upload_bps=1_000_000)
+    left = D.time_limit_margin(timed, floor_s=0.0)
+    assert D.pause_budget(left, timed, 0, 30.0) == pytest.approx(D.SAFETY * 3.0 + D.RESERVE_S - D.END_RESERVE_S)
     assert D.drain_budget(None, 300.0) == 300.0
     assert D.drain_budget(20.0, 300.0) == 19.0
     assert D.drain_budget(-3.0, 300.0) == 0.0
