@@ -183,7 +183,7 @@ class EventRules:
         self.first_step_t: float | None = None
         self.last_step_t: float | None = None
         self.marks: dict[tuple[int, int], Mark] = {}
-        self.step_times: deque[float] = deque(maxlen=64)  # the latest steps' times, for the time per step
+        self.step_times: deque[float] = deque(maxlen=256)  # the latest steps' times: time per step, save costs
 
     @property
     def start(self) -> tuple[int, int]:

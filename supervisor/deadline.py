@@ -6,7 +6,9 @@ Costs, each measured during the run and kept in the ledger's `plan` facts for th
   step_s      median seconds per optimizer step (from the step events' times)
   save_s      seconds from asking for a checkpoint (or from the trainer starting to save it) to its
               announcement: the training stall plus the background write
-  stall_s     seconds training waited for a save (the snapshot); what a checkpoint costs the run
+  stall_s     seconds training waited for a save (the snapshot)
+  cost_s      training seconds one checkpoint takes away: the stall plus the steps not trained while
+              the background write competed for the CPU and the GIL (from the step events' times)
   size        bytes of the last checkpoint
   upload_bps  bytes per second of the store's recent uploads (or `[platform] upload_speed`)
 """
@@ -47,6 +49,7 @@ class Costs:
     stall_s: float | None = None
     size: int | None = None
     upload_bps: float | None = None
+    cost_s: float | None = None
 
     def fields(self) -> dict[str, float | int | None]:
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in asdict(self).items()}
@@ -56,7 +59,8 @@ class Costs:
         """The costs a `plan` fact recorded (an earlier session's measurements); junk fields are None."""
         size = seconds(plan.get("size"))
         return cls(seconds(plan.get("step_s")), seconds(plan.get("save_s")), seconds(plan.get("stall_s")),
-                   int(size) if size is not None else None, seconds(plan.get("upload_bps")))  # fmt: skip
+                   int(size) if size is not None else None, seconds(plan.get("upload_bps")),
+                   seconds(plan.get("cost_s")))  # fmt: skip
 
     def merged(self, older: Costs) -> Costs:
         """These costs, with what is still unmeasured taken from `older`."""
@@ -69,6 +73,14 @@ def median_interval(times: Iterable[float]) -> float | None:
     ts = list(times)
     gaps = [b - a for a, b in zip(ts, ts[1:], strict=False) if b >= a]
     return statistics.median(gaps) if gaps else None
+
+
+def save_cost(window: tuple[float, float], step_times: Iterable[float], step_s: float, stall_s: float) -> float:
+    """Training seconds a save took away: over the save's `window` (unix start, end) training would have
+    made window/step_s steps; each one it did not make is lost time (never less than the stall itself)."""
+    start, end = window
+    done = sum(1 for t in step_times if start < t <= end)
+    return max(stall_s, (end - start) - done * step_s)
 
 
 def upload_s(costs: Costs, backlog: int = 0) -> float | None:
@@ -106,16 +118,18 @@ def drain_budget(left_s: float | None, configured_s: float) -> float:
 
 
 def auto_interval(costs: Costs, share: float) -> tuple[float, str]:
-    """CheckFreq's rule: checkpoint as often as keeps the training stall at `share` of training time, but
-    never more often than one checkpoint can be written and uploaded (so saves never queue up).
+    """CheckFreq's rule: checkpoint as often as keeps what a checkpoint costs training (`cost_s`: the stall
+    and the slowdown while it is written; else the stall, else the whole save) at `share` of training
+    time, but never more often than one checkpoint can be written and uploaded (so saves never queue up).
     Returns (seconds, why) with the measured figures in `why`."""
-    stall = costs.stall_s if costs.stall_s is not None else costs.save_s
-    if stall is None:
+    cost, name = next(((v, n) for v, n in ((costs.cost_s, "cost"), (costs.stall_s, "stall"), (costs.save_s, "save"))
+                       if v is not None), (None, ""))  # fmt: skip
+    if cost is None:
         return PROBE_S, f"{PROBE_WHY}: a first checkpoint after {PROBE_S:g}s measures the costs"
-    by_share = stall / share
+    by_share = cost / share
     background = max(0.0, (costs.save_s or 0.0) - (costs.stall_s or 0.0)) + (upload_s(costs) or 0.0)
     interval = max(by_share, background, MIN_INTERVAL_S)
-    why = (f"stall {stall:.3g}s / {share:.1%} = {by_share:.0f}s; write+upload {background:.3g}s; "
+    why = (f"{name} {cost:.3g}s / {share:.1%} = {by_share:.0f}s; write+upload {background:.3g}s; "
            f"minimum {MIN_INTERVAL_S:g}s")  # fmt: skip
     return interval, why
 

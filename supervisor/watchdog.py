@@ -160,7 +160,7 @@ class Watchdog:
 
     def _measure(self, announced: Announced, attempt: Attempt | None) -> None:
         """What saving `announced` cost: the trainer's own figures (stall_s, write_s), else the time from the
-        request to the announcement."""
+        request to the announcement. What it cost training is measured once it is verified (_measure_cost)."""
         d = announced.data
         stall, write = D.seconds(d.get("stall_s")), D.seconds(d.get("write_s"))
         if stall is not None:
@@ -170,6 +170,20 @@ class Watchdog:
             took = (D.seconds(d.get("t")) or time.time()) - attempt.requests[rid][1]
             if took >= 0:
                 self.costs.save_s = took
+
+    def _measure_cost(self, announced: Announced) -> None:
+        """The training time a mid-epoch checkpoint took away, from its start (its announcement minus the
+        trainer's stall_s + write_s) until now that we hashed it too: the steps training did not make meanwhile
+        (the save and our hash compete with it for the CPU). Epoch ends are left out (evaluation precedes them)."""
+        attempt, d = self._attempt, announced.data
+        stall, write = D.seconds(d.get("stall_s")), D.seconds(d.get("write_s"))
+        if attempt is None or announced.step is None or stall is None:
+            return
+        step_s = D.median_interval(attempt.rules.step_times)
+        announced_t = D.seconds(d.get("t"))
+        if step_s and announced_t:
+            window = (announced_t - stall - (write or 0.0), max(time.time(), announced_t))
+            self.costs.cost_s = D.save_cost(window, attempt.rules.step_times, step_s, stall)
 
     def _periodic(self, attempt: Attempt) -> None:
         """`[checkpoints] every_s`: ask for a mid-epoch checkpoint once that much training time has passed since
@@ -242,6 +256,7 @@ class Watchdog:
         if step is None and epoch > self._high_water_at_start:
             self._attempt_progressed = True
         self.costs.size = size
+        self._measure_cost(announced)
         self.store.checkpoint_verified(CheckpointRecord(epoch, rel, size, digest, step), self.run_dir)
         log.info("%s checkpoint verified (%.1f MB, sha256 %s...)", label, size / 1e6, digest[:12])
         self._drop_partials(lambda pos: pos < announced.position, "superseded")

@@ -205,7 +205,8 @@ def test_every_s_auto_records_the_interval_it_chose(tmp_path, every):
     assert plans[0]["every_s"] == 10.0 and "nothing measured yet" in plans[0]["why"]
     measured = [p for p in plans if p.get("stall_s")]
     assert measured, plans  # after the probe, the interval comes from the measured stall
-    assert "stall" in measured[0]["why"] and measured[0]["every_s"] >= measured[0]["stall_s"] / 0.035 * 0.99
+    assert measured[0]["why"].startswith(("cost", "stall"))
+    assert measured[0]["every_s"] >= measured[0]["stall_s"] / 0.035 * 0.99
     assert "checkpoints every" in out.stderr
     rep = report(toml)
     assert rep["checkpointing"]["every_s"] == measured[-1]["every_s"]

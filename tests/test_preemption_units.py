@@ -57,6 +57,16 @@ def test_auto_interval_follows_checkfreq_and_never_queues_saves():
     seconds, _ = D.auto_interval(D.Costs(stall_s=0.1, save_s=2.1, size=600_000_000, upload_bps=10_000_000), 0.035)
     assert seconds == pytest.approx(62.0)
     assert D.auto_interval(D.Costs(stall_s=0.01, save_s=0.01), 0.5)[0] == D.MIN_INTERVAL_S
+    # the measured cost (stall + slowdown while writing) wins over the stall alone
+    seconds, why = D.auto_interval(D.Costs(stall_s=0.02, save_s=0.5, cost_s=0.7), 0.035)
+    assert seconds == pytest.approx(20.0) and why.startswith("cost 0.7s")
+
+
+def test_save_cost_counts_the_steps_the_write_took_away():
+    steps = [float(t) for t in range(10)] + [10.0 + 2 * i for i in range(1, 4)] + [16.0 + i for i in range(1, 5)]
+    # one step a second, but three steps of 2 s while the save ran from 10 s to 16 s: 3 s lost, stall 0.1 s
+    assert D.save_cost((10.0, 16.0), steps, 1.0, 0.1) == pytest.approx(3.0)
+    assert D.save_cost((0.0, 5.0), steps, 1.0, 0.1) == pytest.approx(0.1)  # no slowdown: just the stall
 
 
 def test_costs_from_a_plan_fact_ignore_junk():
