@@ -24,47 +24,15 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 from conftest import write_run  # noqa: E402  (the run.toml writer the tests use)
+from metadata_server import FakeMetadata  # noqa: E402  (AWS IMDSv2 on 127.0.0.1)
 
 KINDS = ("stop", "time limit", "spot notice", "session lost")
-
-
-class Imds:
-    """AWS IMDSv2 on 127.0.0.1: a spot termination once `fire()` was called."""
-
-    def __init__(self) -> None:
-        self.fired = False
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_PUT(self):  # noqa: N802
-                self._send(200, b"token")
-
-            def do_GET(self):  # noqa: N802
-                if outer.fired and self.path.endswith("spot/instance-action"):
-                    self._send(200, b'{"action": "terminate", "time": "2020-01-01T00:00:00Z"}')
-                else:
-                    self._send(404, b"")
-
-            def _send(self, code: int, body: bytes) -> None:
-                self.send_response(code)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
 
 
 def steps_seen(run_dir: Path) -> int:
@@ -120,7 +88,7 @@ def one(kind: str, after: bool, steps: int, step_s: float, home: Path, startup: 
         sections["platform"] = {"detect": "generic", "session_limit_s": round(seconds, 2), "stop_margin_s": 0.0,
                                 "spot": "off"}  # fmt: skip
     if kind == "spot notice":
-        imds = Imds()
+        imds = FakeMetadata()
         sections["platform"] = {"spot": "aws", "metadata_url": imds.url, "notice_poll_s": 0.1}
     toml = write_run(home, epochs=4, params=params, **sections)
     run_dir = home / "runs" / "run"
@@ -131,7 +99,7 @@ def one(kind: str, after: bool, steps: int, step_s: float, home: Path, startup: 
         if kind == "stop":
             proc.send_signal(signal.SIGTERM)
         elif kind == "spot notice":
-            imds.fired = True
+            imds.interrupt()  # a stale time: the AWS window applies
         elif kind == "session lost":
             os.kill(proc.pid, signal.SIGKILL)
         proc.wait(timeout=120)
@@ -144,7 +112,7 @@ def one(kind: str, after: bool, steps: int, step_s: float, home: Path, startup: 
         if proc.poll() is None:
             proc.kill()
         if imds is not None:
-            imds.server.shutdown()
+            imds.close()
     fact = lost(run_dir)
     return {"steps": fact["steps"], "seconds": fact["seconds"]}
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psutil
 from conftest import cli, ledger, pid_alive, report, start_bg, wait_for, write_run
+from metadata_server import FakeMetadata
 
 
 def trainer_pids(run_dir: Path) -> list[int]:
@@ -193,52 +194,15 @@ def test_session_time_limit_pauses_and_the_next_session_resumes(tmp_path):
     assert row["seed"] == report(toml)["restarts"][0]["seed"]  # a pause resumes exactly: the same seed
 
 
-class _FakeImds:
-    """A local stand-in for the AWS metadata service (IMDSv2): 404 until `interrupt()`."""
-
-    def __init__(self):
-        import http.server
-        import threading
-
-        self.action: bytes | None = None
-        outer = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def log_message(self, *a):
-                pass
-
-            def do_PUT(self):
-                self.send_response(200)
-                self.end_headers()
-                self.wfile.write(b"token-123")
-
-            def do_GET(self):
-                ok = self.headers.get("X-aws-ec2-metadata-token") == "token-123"
-                if self.path.endswith("/spot/instance-action") and ok and outer.action:
-                    self.send_response(200)
-                    self.end_headers()
-                    self.wfile.write(outer.action)
-                else:
-                    self.send_response(404)
-                    self.end_headers()
-
-        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def interrupt(self):
-        self.action = b'{"action": "terminate", "time": "2026-11-25T08:22:00Z"}'
-
-
 def test_spot_interruption_notice_pauses_as_preempted(tmp_path):
-    imds = _FakeImds()
+    imds = FakeMetadata()
     try:
         toml = write_run(tmp_path, epochs=40, params={"step_s": 0.05},
                          platform={"spot": "aws", "metadata_url": imds.url, "notice_poll_s": 0.2})  # fmt: skip
         run_dir = tmp_path / "runs" / "run"
         proc = start_bg(toml)
         wait_for(lambda: reached_epoch(run_dir, 0, 1), timeout=30, what="epoch 1")
-        imds.interrupt()
+        imds.interrupt()  # a stale time: the AWS window applies
         assert proc.wait(timeout=30) == 75
         assert "AWS spot interruption: terminate" in proc.stderr.read()
         assert report(toml)["attempts"][0]["ended_by"] == "preempted"
@@ -247,4 +211,4 @@ def test_spot_interruption_notice_pauses_as_preempted(tmp_path):
         assert out.returncode == 0, out.stderr
         assert report(toml)["restarts"][1]["reason"] == "preempted"
     finally:
-        imds.server.shutdown()
+        imds.close()

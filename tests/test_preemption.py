@@ -39,6 +39,17 @@ def facts(run_dir: Path, kind: str) -> list[dict]:
     return [f for f in ledger(run_dir) if f["fact"] == kind]
 
 
+def stopped_in_epoch_1(tmp_path: Path, params: dict) -> tuple[Path, Path, dict]:
+    """A 3-epoch run stopped (SIGTERM) a few steps into epoch 1: its run.toml, run dir, mid-epoch checkpoint."""
+    toml = write_run(tmp_path, epochs=3, params=params, watch={"stop_grace_s": 10.0})
+    run_dir = tmp_path / "runs" / "run"
+    proc = start_bg(toml)
+    wait_for(lambda: steps_seen(run_dir, 0) >= STEPS + 4, timeout=60, what="epoch 1 step 4")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 75
+    return toml, run_dir, next(f for f in facts(run_dir, "checkpoint") if f.get("step") is not None)
+
+
 def uninterrupted(tmp_path: Path, epochs: int, seed: int, **params) -> str:
     """The final state of the same run trained straight through with `seed`."""
     base = tmp_path / "straight"
@@ -160,13 +171,7 @@ def test_session_lost_with_every_s_resumes_from_the_last_periodic_checkpoint(tmp
 
 def test_a_fault_after_a_mid_epoch_resume_rolls_back_to_an_epoch_end_with_a_new_seed(tmp_path):
     faults = [{"kind": "nan", "attempt": 1, "epoch": 1, "step": STEPS - 2}]
-    toml = write_run(tmp_path, epochs=3, params={**REQUESTS, "faults": faults}, watch={"stop_grace_s": 10.0})
-    run_dir = tmp_path / "runs" / "run"
-    proc = start_bg(toml)
-    wait_for(lambda: steps_seen(run_dir, 0) >= STEPS + 4, timeout=60, what="epoch 1 step 4")
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 75
-    saved = next(f for f in facts(run_dir, "checkpoint") if f.get("step") is not None)
+    toml, run_dir, saved = stopped_in_epoch_1(tmp_path, {**REQUESTS, "faults": faults})
     out = cli("start", "-q", str(toml))
     assert out.returncode == 0, out.stderr
     rows = report(toml)["restarts"]
@@ -213,13 +218,7 @@ def test_every_s_auto_records_the_interval_it_chose(tmp_path, every):
 
 
 def test_a_mid_epoch_checkpoint_that_vanished_falls_back_to_the_epoch_end(tmp_path):
-    toml = write_run(tmp_path, epochs=3, params=REQUESTS, watch={"stop_grace_s": 10.0})
-    run_dir = tmp_path / "runs" / "run"
-    proc = start_bg(toml)
-    wait_for(lambda: steps_seen(run_dir, 0) >= STEPS + 4, timeout=60, what="epoch 1 step 4")
-    proc.send_signal(signal.SIGTERM)
-    assert proc.wait(timeout=60) == 75
-    saved = next(f for f in facts(run_dir, "checkpoint") if f.get("step") is not None)
+    toml, run_dir, saved = stopped_in_epoch_1(tmp_path, REQUESTS)
     (run_dir / saved["path"]).unlink()
     out = cli("start", str(toml))
     assert out.returncode == 0, out.stderr

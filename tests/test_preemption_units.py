@@ -3,13 +3,11 @@ records, the checkpoint rules for steps, notice deadlines, requests and the new 
 
 from __future__ import annotations
 
-import json
-import threading
 import time
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from metadata_server import FakeMetadata
 
 from supervisor import deadline as D
 from supervisor import ledger as L
@@ -203,44 +201,21 @@ def test_checkpoint_requests_round_trip_and_refuse_garbage():
         assert P.CheckpointRequest.from_json(junk) is None, junk
 
 
-class _Metadata(BaseHTTPRequestHandler):
-    body = b""
-
-    def do_PUT(self):  # noqa: N802 - the IMDSv2 token
-        self.send_response(200)
-        self.end_headers()
-        self.wfile.write(b"token")
-
-    def do_GET(self):  # noqa: N802
-        self.send_response(200)
-        self.end_headers()
-        self.wfile.write(type(self).body)
-
-    def log_message(self, *args):
-        pass
-
-
 @pytest.fixture
 def metadata():
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Metadata)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    yield server, f"http://127.0.0.1:{server.server_address[1]}"
-    server.shutdown()
+    server = FakeMetadata()
+    yield server
+    server.close()
 
 
 def test_notice_deadlines_come_from_the_notice_or_the_cloud_window(metadata):
-    server, url = metadata
-    at = time.time() + 90
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
-    _Metadata.body = json.dumps({"action": "terminate", "time": stamp}).encode()
-    text, when = check_aws(url, 1.0)
+    at = metadata.interrupt(90)
+    text, when = check_aws(metadata.url, 1.0)
     assert "terminate" in text and when == pytest.approx(int(at), abs=1)
-    _Metadata.body = json.dumps({"Events": [{"EventType": "Preempt", "NotBefore": time.strftime(
-        "%a, %d %b %Y %H:%M:%S GMT", time.gmtime(at))}]}).encode()  # fmt: skip
-    assert check_azure(url, 1.0)[1] == pytest.approx(int(at), abs=1)
+    assert check_azure(metadata.url, 1.0)[1] == pytest.approx(int(at), abs=1)
     # A stamp long past (a skewed clock): the poller trusts the window instead.
-    _Metadata.body = b'{"action": "terminate", "time": "2020-01-01T00:00:00Z"}'
-    poller = NoticePoller("aws", 0.1, url, window_s=7.0).start()
+    metadata.interrupt()
+    poller = NoticePoller("aws", 0.1, metadata.url, window_s=7.0).start()
     deadline = time.monotonic() + 10
     while poller.notice() is None and time.monotonic() < deadline:
         time.sleep(0.05)

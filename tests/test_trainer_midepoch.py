@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from trainer_helpers import ROOT, read_events, run_trainer, synth_root, tiny_params  # noqa: F401 - fixture
+from trainer_helpers import ROOT, read_events, run_trainer, same_training_state, synth_root, tiny_params  # noqa: F401 - fixture
 
 from supervisor import protocol as P
 from supervisor.client import CheckpointRequest, Supervised, atomic_write, sha256_file
@@ -49,19 +49,6 @@ def _attempt(tmp: Path, params, *, seed=5, epochs=2, load_epoch=-1, start_step=0
         load_path=load_path, request_path=tmp / "request.json", after=after, request=request,
     )  # fmt: skip
     return run(load_params(params), sup)
-
-
-def _tensors(state):
-    out = {f"model.{k}": v for k, v in state["model"].items()}
-    for pid, st in state["optimizer"]["state"].items():
-        for k, v in st.items():
-            out[f"opt.{pid}.{k}"] = v
-    return out
-
-
-def _identical(a, b) -> bool:
-    ta, tb = _tensors(a), _tensors(b)
-    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
 def _steps(events):
@@ -126,7 +113,7 @@ def test_a_run_paused_mid_epoch_resumes_exactly(tmp_path, synth_root, overrides,
 
     a = torch.load(straight / "ckpt" / "epoch-0001.pt", weights_only=True)
     b = torch.load(paused / "ckpt" / "epoch-0001.pt", weights_only=True)
-    assert _identical(a, b)
+    assert same_training_state(a, b)
     assert a["scaler"] == b["scaler"]
     assert a["metrics"] == b["metrics"]  # train loss of the interrupted epoch, AP50, VOCmAP, eval loss, per class
     assert _steps(first) + _steps(second) == _steps(events)  # every step's loss and LR, in order
@@ -178,7 +165,7 @@ def test_sigterm_to_the_trainer_saves_mid_epoch_and_the_next_attempt_resumes_exa
     _attempt(straight, params, epochs=1)
     a = torch.load(straight / "ckpt" / "epoch-0000.pt", weights_only=True)
     b = torch.load(tmp_path / "second" / "ckpt" / "epoch-0000.pt", weights_only=True)
-    assert _identical(a, b) and a["metrics"] == b["metrics"]
+    assert same_training_state(a, b) and a["metrics"] == b["metrics"]
     assert _steps(events) + _steps(resumed) == _steps(read_events(straight / "events.jsonl"))
 
 

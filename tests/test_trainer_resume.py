@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 import torch
-from trainer_helpers import synth_root, tiny_params  # noqa: F401 - fixture
+from trainer_helpers import same_training_state, synth_root, tiny_params  # noqa: F401 - fixture
 
 from supervisor.client import Supervised
 from trainer.params import load_params
@@ -26,19 +26,6 @@ def _load(tmp, epoch):
     return torch.load(tmp / "ckpt" / f"epoch-{epoch:04d}.pt", weights_only=True)
 
 
-def _tensors(state):
-    out = {f"model.{k}": v for k, v in state["model"].items()}
-    for pid, st in state["optimizer"]["state"].items():
-        for k, v in st.items():
-            out[f"opt.{pid}.{k}"] = v
-    return out
-
-
-def _identical(a, b) -> bool:
-    ta, tb = _tensors(a), _tensors(b)
-    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("workers", [0, 2])
 def test_resume_is_bit_identical_and_a_new_seed_changes_the_data(tmp_path, synth_root, workers):  # noqa: F811
@@ -52,10 +39,10 @@ def test_resume_is_bit_identical_and_a_new_seed_changes_the_data(tmp_path, synth
     _attempt(reseeded, params, seed=6, load_epoch=1, epochs=3)
 
     a, b, c = _load(straight, 2), _load(split, 2), _load(reseeded, 2)
-    assert _identical(_load(straight, 1), _load(split, 1))
-    assert _identical(a, b)
+    assert same_training_state(_load(straight, 1), _load(split, 1))
+    assert same_training_state(a, b)
     assert a["metrics"]["2"] == b["metrics"]["2"]
-    assert not _identical(a, c)  # another seed: other batches and augmentation from epoch 2 on
+    assert not same_training_state(a, c)  # another seed: other batches and augmentation from epoch 2 on
     assert set(a) >= {"model", "optimizer", "scaler", "scheduler", "rng", "epoch", "metrics", "seed"}
     assert a["epoch"] == 2 and c["seed"] == 6
 

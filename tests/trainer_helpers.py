@@ -80,3 +80,17 @@ def read_events(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def same_training_state(a: dict, b: dict) -> bool:
+    """Two checkpoints hold identical model weights and optimizer state (every tensor equal, bit for bit)."""
+    import torch
+
+    def tensors(state: dict) -> dict:
+        out = {f"model.{k}": v for k, v in state["model"].items()}
+        for pid, st in state["optimizer"]["state"].items():
+            out.update({f"opt.{pid}.{k}": v for k, v in st.items()})
+        return out
+
+    ta, tb = tensors(a), tensors(b)
+    return ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)

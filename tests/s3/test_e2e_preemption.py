@@ -9,61 +9,19 @@ termination time) or GCP (`instance/preempted`, whose notice names no time: the 
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 from conftest import cli, ledger, report, start_bg, wait_for, write_run
+from metadata_server import FakeMetadata
 
 from .test_e2e_cli import storage_table
 
 CKPT = 40_000_000
 STEPS = 100
 PARAMS = {"steps_per_epoch": STEPS, "step_s": 0.03, "handles_requests": True, "ckpt_bytes": CKPT}
-
-
-class Metadata:
-    """AWS IMDSv2 and GCP metadata on 127.0.0.1: nothing to report until `interrupt()`."""
-
-    def __init__(self, cloud: str):
-        self.cloud = cloud
-        self.body: bytes | None = None
-        outer = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_PUT(self):  # noqa: N802 - IMDSv2 token
-                self._send(200, b"token")
-
-            def do_GET(self):  # noqa: N802
-                if self.path.endswith("spot/instance-action"):
-                    self._send(200, outer.body) if outer.body else self._send(404, b"")
-                elif self.path.endswith("instance/preempted"):
-                    self._send(200, b"TRUE" if outer.body else b"FALSE")
-                else:
-                    self._send(200, b"{}")
-
-            def _send(self, code: int, body: bytes) -> None:
-                self.send_response(code)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-
-    def interrupt(self, in_s: float) -> float:
-        """Announce the end of the machine `in_s` from now; returns that unix time."""
-        at = time.time() + in_s
-        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
-        self.body = json.dumps({"action": "terminate", "time": stamp}).encode()
-        return at
 
 
 def committed(weed, prefix: str) -> list[str]:
@@ -81,7 +39,7 @@ def steps_seen(run_dir: Path) -> int:
 @pytest.mark.parametrize("cloud, window", [("aws", 20.0), ("gcp", 12.0)])
 def test_spot_notice_commits_the_final_checkpoint_before_the_window_ends(weed, tmp_path, cloud, window):
     prefix = uuid.uuid4().hex[:10]
-    meta = Metadata(cloud)
+    meta = FakeMetadata()
     platform = {"spot": cloud, "metadata_url": meta.url, "notice_poll_s": 0.2}
     if cloud == "gcp":
         platform["notice_window_s"] = window  # GCP's 30 s, scaled down
@@ -93,10 +51,10 @@ def test_spot_notice_commits_the_final_checkpoint_before_the_window_ends(weed, t
         proc = start_bg(a)
         wait_for(lambda: "epoch-0000.json" in committed(weed, prefix), timeout=60, what="epoch 0 in the store")
         wait_for(lambda: steps_seen(a_dir) >= STEPS + 10, timeout=60, what="epoch 1 step 10")
-        ends = meta.interrupt(window) if cloud == "aws" else (meta.interrupt(0), time.time() + window)[1]
+        ends = meta.interrupt(window) if cloud == "aws" else (meta.interrupt(), time.time() + window)[1]
         assert proc.wait(timeout=window + 30) == 75
     finally:
-        meta.server.shutdown()
+        meta.close()
     facts = ledger(a_dir)
     mid = [f for f in facts if f["fact"] == "checkpoint" and f.get("step") is not None]
     assert len(mid) == 1 and mid[0]["epoch"] == 1, mid
