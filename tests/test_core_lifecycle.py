@@ -68,7 +68,8 @@ def test_second_supervisor_is_refused_naming_the_holder(tmp_path):
 
 
 def test_stop_pauses_then_start_resumes_with_stopped_row(tmp_path):
-    toml = write_run(tmp_path, epochs=6, params={"step_s": 0.1})
+    # 30 epochs of 0.3 s: the status and stop CLIs (a second or more each on a busy machine) come well before the end
+    toml = write_run(tmp_path, epochs=30, params={"step_s": 0.1})
     run_dir = tmp_path / "runs" / "run"
     proc = start_bg(toml)
     wait_for(lambda: reached_epoch(run_dir, 0, 2), timeout=30, what="epoch 2")
