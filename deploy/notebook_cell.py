@@ -22,7 +22,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-# EDIT: where pip finds this project (a fork, a tag, a private mirror...).
+# EDIT: where pip finds this project (a fork, a tag, a private mirror...). A clone on this disk (an
+# offline mirror) is "train-supervisor @ git+file://localhost/path/to/clone": pip refuses the
+# host-less git+file:///path ("Invalid requirement"), so this cell rewrites that form to localhost.
 PACKAGE = "train-supervisor @ git+https://github.com/YOUR-ACCOUNT/train-supervisor.git"
 
 
@@ -178,6 +180,15 @@ def stream(argv, cwd):
             proc.send_signal(signal.SIGTERM)
 
 
+def pip_requirement(package):
+    """`package` as pip takes it: a local git URL needs a host (git+file://localhost/path), and pip
+    refuses git+file:///path with "Invalid requirement", so that form is rewritten (one line says so)."""
+    fixed = package.replace("git+file:///", "git+file://localhost/")
+    if fixed != package:
+        print("PACKAGE: pip refuses git+file:///path, installing from git+file://localhost/path instead")
+    return fixed
+
+
 def main(read_secrets=read_platform_secrets, package=PACKAGE, work_dir=WORK_DIR, run_toml=RUN_TOML):
     """Install, start or continue the run, show its report; the exit status of `supervisor start`."""
     unedited = [what for what, text in (("PACKAGE", package), ("RUN_TOML", run_toml)) if PLACEHOLDER in text]
@@ -192,6 +203,7 @@ def main(read_secrets=read_platform_secrets, package=PACKAGE, work_dir=WORK_DIR,
     if not export_secrets(read_secrets(REQUIRED_SECRETS + OPTIONAL_SECRETS)):
         return 2
     python = sys.executable
+    package = pip_requirement(package)
     if stream([python, "-m", "pip", "install", "-q", "--disable-pip-version-check", package], work_dir) != 0:
         print(f"pip could not install {package!r}: see its output above")
         return 2

@@ -165,7 +165,7 @@ def test_seaweedfs_service_matches_the_compose_run_toml(compose_config: dict):
     assert opts["bucket"] == bucket
     assert storage.endpoint_url == f"http://seaweedfs:{opts['s3.port']}" and storage.addressing_style == "path"
     probe = " ".join(svc["healthcheck"]["test"])
-    assert "curl" not in probe, "the image has no curl"
+    assert "curl" not in probe, "the healthcheck uses busybox wget (curl is not promised by the image)"
     assert f":{opts['s3.port']}/" in probe and f":{opts['filer.port']}/buckets/{bucket}/" in probe
 
 
@@ -447,3 +447,112 @@ def test_cell_pauses_when_stopped_and_a_new_session_continues_from_the_bucket(ce
         assert "| epoch | load_epoch | seed | reason |" in text  # the report follows
         for value in creds.values():
             assert value not in text, "a credential reached the cell's output"
+
+
+# -- defects found by the real runs (issue 13) ------------------------------------------------------
+
+
+def test_pyproject_license_is_an_spdx_string_the_build_backend_takes_without_a_warning(tmp_path: Path):
+    """setuptools stops taking `license = {text = ...}` on 2027-02-18; the SPDX string needs setuptools>=77."""
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "MIT", "license must be an SPDX expression string, not a table"
+    assert not any(c.startswith("License ::") for c in project["project"].get("classifiers", []))  # PEP 639
+    backend = [Requirement(r) for r in project["build-system"]["requires"] if Requirement(r).name == "setuptools"]
+    assert len(backend) == 1 and "77" in backend[0].specifier and "76.99" not in backend[0].specifier
+    # Build the metadata of a copy of the project with setuptools' deprecation warnings as errors.
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, tmp_path / name)
+    for package in ("supervisor", "trainer"):
+        (tmp_path / package).mkdir()
+        (tmp_path / package / "__init__.py").touch()
+    code = (
+        "import sys, warnings\n"
+        "import setuptools\n"
+        "from packaging.specifiers import SpecifierSet\n"
+        "from setuptools.warnings import SetuptoolsDeprecationWarning\n"
+        "assert setuptools.__version__ in SpecifierSet(sys.argv[2]), setuptools.__version__\n"
+        "warnings.simplefilter('error', SetuptoolsDeprecationWarning)\n"
+        "from setuptools import build_meta\n"
+        "print(build_meta.prepare_metadata_for_build_wheel(sys.argv[1]))\n"
+    )
+    out_dir = tmp_path / "metadata"
+    out_dir.mkdir()
+    out = subprocess.run([sys.executable, "-c", code, str(out_dir), str(backend[0].specifier)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
+    metadata = (out_dir / out.stdout.strip().splitlines()[-1] / "METADATA").read_text()
+    assert "License-Expression: MIT" in metadata.splitlines()
+
+
+def dockerfile_build_check() -> str:
+    """The Python code of the Dockerfile's build check: `python -c CODE` in the RUN that installs the project."""
+    import shlex
+
+    runs = [args for instr, args in dockerfile_instructions() if instr == "RUN" and "pip install ." in args]
+    assert len(runs) == 1, runs
+    words = shlex.split(runs[0])
+    checks = [words[i + 2] for i in range(len(words) - 2) if words[i] == "python" and words[i + 1] == "-c"]
+    assert len(checks) == 1, words
+    return checks[0]
+
+
+def test_dockerfile_build_check_loads_what_the_trainer_loads_and_runs_a_torchvision_op(tmp_path: Path):
+    """The image's check, run here: trainer.train and a torchvision C++ op. With torchvision's compiled ops
+    unloadable (what a torchvision built for another torch looks like), the check fails at build time with
+    the error the real run met at run time; the old check (`import trainer`) passed."""
+    code = dockerfile_build_check()
+    assert "trainer.train" in code and "torchvision.ops.nms(" in code
+    ok = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert ok.returncode == 0 and "nms ok" in ok.stdout, ok.stderr[-3000:]
+    (tmp_path / "sitecustomize.py").write_text(
+        "import torch\n\n"
+        "def _built_for_another_torch(path):\n"
+        "    raise OSError(f'{path}: undefined symbol (a torchvision built for another torch)')\n\n"
+        "torch.ops.load_library = _built_for_another_torch\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    broken = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
+                            timeout=300)  # fmt: skip
+    assert broken.returncode != 0 and "torchvision::nms" in broken.stderr, broken.stderr[-3000:]
+    old_check = "import supervisor.cli, trainer, torch; print('torch', torch.__version__)"
+    old = subprocess.run([sys.executable, "-c", old_check], cwd=ROOT, env=env, capture_output=True, text=True,
+                         timeout=300)  # fmt: skip
+    assert old.returncode == 0, "the simulated mismatch should pass the old check (what the real run found)"
+
+
+def test_the_two_setup_errors_are_named_with_their_fix_where_users_meet_them():
+    """Compose v1 rejects `name:`; a box without the NVIDIA toolkit cannot select the driver."""
+    compose_head = COMPOSE_FILE.read_text().split("\nservices:")[0]
+    docs = (ROOT / "docs" / "deploy.md").read_text()
+    for text in (compose_head, docs):
+        assert "'name' does not match any of the regexes: '^x-'" in text
+        assert 'could not select device driver "nvidia"' in text
+        assert "nvidia-container-toolkit" in text
+    assert "without curl" not in COMPOSE_FILE.read_text() and "no curl" not in docs  # the image ships curl too
+
+
+def cell_namespace() -> dict:
+    namespace: dict = {"__name__": "cell_under_test"}
+    exec(compile(CELLS[0].read_text(), str(CELLS[0]), "exec"), namespace)
+    return namespace
+
+
+def test_cell_rewrites_a_local_git_url_pip_refuses(capsys):
+    """pip refuses `name @ git+file:///path` (an offline mirror's URL); the cell installs git+file://localhost/path."""
+    from pip._vendor.packaging.requirements import InvalidRequirement, Requirement
+
+    refused = "train-supervisor @ git+file:///srv/mirror/train-supervisor.git@v0.1.0"
+    with pytest.raises(InvalidRequirement):
+        Requirement(refused)  # pip's own parser: what `pip install` says "Invalid requirement" with
+    fixed = cell_namespace()["pip_requirement"](refused)
+    assert fixed == "train-supervisor @ git+file://localhost/srv/mirror/train-supervisor.git@v0.1.0"
+    assert Requirement(fixed).url == "git+file://localhost/srv/mirror/train-supervisor.git@v0.1.0"
+    assert capsys.readouterr().out.count("\n") == 1  # one line says so
+    for taken in ("train-supervisor", "train-supervisor @ git+https://example.invalid/t.git@v1",
+                  "train-supervisor @ git+file://localhost/srv/m.git"):  # fmt: skip
+        assert cell_namespace()["pip_requirement"](taken) == taken
+    assert capsys.readouterr().out.count("git+file") == 0
+    comment = CELLS[0].read_text().split("PACKAGE = ")[0].rsplit("# EDIT", 1)[1]
+    assert "git+file://localhost/" in comment and "git+file://localhost/" in (ROOT / "docs" / "deploy.md").read_text()
