@@ -118,3 +118,14 @@ def tmpfs(where: Path, size: str):
 @pytest.fixture
 def run_dir_of():
     return lambda run_toml: run_toml.parent / "runs" / "run"
+
+
+def clean_env(*, drop: tuple[str, ...] = ("COMPOSE_",), **extra: str) -> dict[str, str]:
+    """os.environ without credentials, platform markers, supervisor settings or the `drop` prefixes (compose
+    settings by default) that would leak into a child; AWS's own lookups pointed nowhere; `extra` added."""
+    prefixes = ("AWS_", "KAGGLE_", "COLAB_", "SUPERVISOR_", *drop)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(prefixes)}
+    env.update(AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE="/nonexistent/aws-config",
+               AWS_SHARED_CREDENTIALS_FILE="/nonexistent/aws-credentials")  # fmt: skip
+    env.update(extra)
+    return env

@@ -23,7 +23,7 @@ import uuid
 from pathlib import Path
 
 import pytest
-from conftest import FAKE, cli, ledger, report, wait_for, write_run
+from conftest import FAKE, clean_env, cli, ledger, report, wait_for, write_run
 from s3.s3_support import SERVICES, Weed, find_weed, free_ports
 
 from supervisor.config import load_config
@@ -38,16 +38,6 @@ DEPLOY = ROOT / "deploy"
 COMPOSE_FILE = ROOT / "docker-compose.yml"
 RUN_COMPOSE = DEPLOY / "run.compose.toml"
 CELLS = [DEPLOY / "notebook_cell.py"]  # one cell for Kaggle, Colab and any Jupyter kernel
-
-
-def clean_env(**extra: str) -> dict[str, str]:
-    """os.environ without credentials, platform markers or compose settings that would leak in."""
-    drop = ("AWS_", "KAGGLE_", "COLAB_", "COMPOSE_", "SUPERVISOR_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    env.update(AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE="/nonexistent/aws-config",
-               AWS_SHARED_CREDENTIALS_FILE="/nonexistent/aws-credentials")  # fmt: skip
-    env.update(extra)
-    return env
 
 
 def new_credentials() -> dict[str, str]:

@@ -30,7 +30,7 @@ from pathlib import Path
 import nbformat
 import psutil
 import pytest
-from conftest import FAKE, ledger, report, toml_value, wait_for
+from conftest import FAKE, clean_env, ledger, report, toml_value, wait_for
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 from s3.s3_support import SERVICES, Weed, find_weed, free_ports
@@ -81,13 +81,8 @@ def get(key):
 
 
 def kernel_env(**extra: str) -> dict[str, str]:
-    """The test's environment without credentials, platform markers or supervisor settings."""
-    drop = ("AWS_", "KAGGLE_", "COLAB_", "SUPERVISOR_", "JPY_")
-    env = {k: v for k, v in os.environ.items() if not k.startswith(drop)}
-    env.update(AWS_EC2_METADATA_DISABLED="true", AWS_CONFIG_FILE="/nonexistent/aws-config",
-               AWS_SHARED_CREDENTIALS_FILE="/nonexistent/aws-credentials")  # fmt: skip
-    env.update(extra)
-    return env
+    """The test's environment without credentials, platform markers, supervisor or Jupyter settings."""
+    return clean_env(drop=("JPY_",), **extra)
 
 
 @pytest.fixture(scope="module")
