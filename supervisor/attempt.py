@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -23,7 +24,7 @@ import psutil
 
 from supervisor import protocol as P
 from supervisor.checkpoints import Announced, EventRules, Observed, expected_path, resolve_pattern
-from supervisor.config import RunConfig
+from supervisor.config import RunConfig, fill_placeholders
 from supervisor.durable import atomic_write
 from supervisor.faults import Fault, classify_exit, classify_line, describe_exit, grace_s
 from supervisor.layout import RunLayout
@@ -31,6 +32,7 @@ from supervisor.monitors.events import EventTail
 from supervisor.monitors.files import CheckpointScanner
 from supervisor.monitors.memory import OomKillWatch, memory_budget, tree_memory
 from supervisor.monitors.output import OutputPump
+from supervisor.monitors.snapshot import FileSnapshots, restore
 from supervisor.shim import ENV_WATCHDOG_PID
 
 log = logging.getLogger("supervisor")
@@ -75,9 +77,11 @@ class AttemptResult:
     detected_at: float | None = None  # unix time the watchdog named the fault
 
 
-def build_argv(cfg: RunConfig, values: dict[str, str]) -> list[str]:
-    """The trainer command with placeholders filled; a leading `python` runs under our interpreter."""
-    argv = [re.sub(r"\{(\w+)\}", lambda m: values.get(m.group(1), m.group(0)), a) for a in cfg.trainer.command]
+def build_argv(cfg: RunConfig, values: dict[str, str], resume: bool = False) -> list[str]:
+    """The trainer command (plus `resume_args` or `fresh_args`) with placeholders filled; a leading `python`
+    runs under our interpreter."""
+    t = cfg.trainer
+    argv = [fill_placeholders(a, values) for a in [*t.command, *(t.resume_args if resume else t.fresh_args)]]
     if argv and re.fullmatch(r"python[0-9.]*", argv[0]):
         argv[0] = sys.executable
     return argv
@@ -109,6 +113,8 @@ class Attempt:
         self._previous_line: dict[str, str] = {}  # per stream, to skip the code a traceback quotes
         self.kill_at: float | None = None
         self._scanner: CheckpointScanner | None = None
+        self._snapshots: FileSnapshots | None = None
+        self._metric_res = [re.compile(r) for r in cfg.watch.metric_regex]
         self._tail = EventTail(self.events_path)
         self._warned_no_loss = False
         self._next_scan = 0.0
@@ -140,20 +146,37 @@ class Attempt:
 
     # -- launch -----------------------------------------------------------------------------
 
+    @property
+    def by_steps(self) -> bool:
+        return self.cfg.unit == P.UNIT_STEPS
+
+    @property
+    def resuming(self) -> bool:
+        return self.spec.load_path is not None
+
     def env(self) -> dict[str, str]:
         s = self.spec
         env = dict(os.environ)
-        env.update(self.cfg.trainer.env)
+        t = self.cfg.trainer
+        values = self.placeholders()
+        for extra in (t.env, t.resume_env if self.resuming else t.fresh_env):
+            env.update({k: fill_placeholders(v, values) for k, v in extra.items()})
+        for name in (P.ENV_LOAD_EPOCH, P.ENV_START_EPOCH, P.ENV_EPOCHS, P.ENV_STEPS):
+            env.pop(name, None)  # a supervisor running under another one: only this run's unit is set
+        if self.by_steps:  # positions are optimizer steps: the loaded checkpoint's, the total
+            unit = {P.ENV_STEPS: str(self.cfg.steps), P.ENV_START_STEP: str(max(0, s.load_epoch))}
+        else:
+            unit = {P.ENV_LOAD_EPOCH: str(s.load_epoch), P.ENV_START_EPOCH: str(s.start_epoch),
+                    P.ENV_START_STEP: str(s.start_step), P.ENV_EPOCHS: str(self.cfg.epochs)}  # fmt: skip
+        env.update(unit)
         env.update({
+            P.ENV_UNIT: self.cfg.unit,
+            P.ENV_CHECKPOINT_PATTERN: self.cfg.checkpoints.pattern,
             P.ENV_RUN_DIR: str(self.run_dir),
             P.ENV_CHECKPOINT_DIR: str(self.checkpoint_dir),
             P.ENV_EVENTS: str(self.events_path),
             P.ENV_SEED: str(s.seed),
-            P.ENV_LOAD_EPOCH: str(s.load_epoch),
-            P.ENV_START_EPOCH: str(s.start_epoch),
-            P.ENV_START_STEP: str(s.start_step),
             P.ENV_CHECKPOINT_REQUEST: str(self.request_path),
-            P.ENV_EPOCHS: str(self.cfg.epochs),
             P.ENV_ATTEMPT: str(s.attempt),
             P.ENV_PARAMS: str(self.params_path),
             P.ENV_BATCH_DIVISOR: str(s.batch_divisor),
@@ -166,25 +189,64 @@ class Attempt:
 
     def placeholders(self) -> dict[str, str]:
         s = self.spec
-        return {
-            "seed": str(s.seed), "load_epoch": str(s.load_epoch), "start_epoch": str(s.start_epoch),
-            "start_step": str(s.start_step), "load_step": "" if s.load_step is None else str(s.load_step),
-            "epochs": str(self.cfg.epochs), "run_dir": str(self.run_dir),
+        values = {
+            "seed": str(s.seed), "run_dir": str(self.run_dir),
             "checkpoint_dir": str(self.checkpoint_dir), "attempt": str(s.attempt),
             "batch_divisor": str(s.batch_divisor), "load_path": str(s.load_path or ""),
             "params": str(self.params_path), "python": sys.executable,
         }  # fmt: skip
+        if self.by_steps:  # a position is a step count: the loaded one (empty on a fresh start), the total
+            loaded = s.load_epoch >= 0
+            values.update(steps=str(self.cfg.steps), start_step=str(max(0, s.load_epoch)),
+                          load_step=str(s.load_epoch) if loaded else "")  # fmt: skip
+        else:
+            values.update(load_epoch=str(s.load_epoch), start_epoch=str(s.start_epoch), start_step=str(s.start_step),
+                          load_step="" if s.load_step is None else str(s.load_step),
+                          epochs=str(self.cfg.epochs))  # fmt: skip
+        return values
+
+    def _script_file(self) -> Path | None:
+        """Zero-code `[checkpoints] file`: the one file the script overwrites, resolved against its cwd."""
+        file = self.cfg.checkpoints.file
+        if file is None:
+            return None
+        path = Path(fill_placeholders(file, self.placeholders())).expanduser()
+        return path if path.is_absolute() else self.cfg.base_dir / (self.cfg.trainer.cwd or ".") / path
+
+    def _prepare_file(self, source: Path) -> None:
+        """Before the launch: put the checkpoint to resume from where the script expects its file; on a fresh
+        start after earlier attempts, set the file an earlier attempt left aside (the script must not find it)."""
+        s = self.spec
+        if s.load_path is not None:
+            restore(s.load_path, source)
+            log.info("attempt %d: put the checkpoint to resume from back in %s", s.attempt, source)
+        elif source.exists() and s.attempt > 0:
+            aside = self.run_dir / "set-aside" / f"{source.name}.before-attempt-{s.attempt:04d}"
+            aside.parent.mkdir(parents=True, exist_ok=True)
+            shutil.move(source, aside)
+            log.warning("attempt %d starts afresh: moved %s, left by an earlier attempt, to %s", s.attempt, source,
+                        aside)  # fmt: skip
+        elif source.exists():
+            log.warning("%s exists before the run's first attempt: whether the script uses it is up to its "
+                        "fresh-start arguments (trainer.fresh_args)", source)  # fmt: skip
 
     def launch(self) -> list[str]:
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        c = self.cfg.checkpoints
         if self.cfg.trainer.mode == "zero-code":
-            pattern = resolve_pattern(self.cfg.checkpoints.pattern, self.checkpoint_dir, self.run_dir)
-            epochs = range(self.spec.start_epoch, self.cfg.epochs)
-            self._scanner = CheckpointScanner(pattern, self.cfg.checkpoints.settle_s, epochs)
-            self._scanner.baseline()
+            positions = range(self.spec.start_epoch, self.cfg.span)
+            if (source := self._script_file()) is not None:
+                self._prepare_file(source)
+                self._snapshots = FileSnapshots(source, c.settle_s, lambda key: self.rules.expected(key, None),
+                                                positions, by_epoch=not self.by_steps)  # fmt: skip
+                self._snapshots.baseline()
+            else:
+                pattern = resolve_pattern(c.pattern, self.checkpoint_dir, self.run_dir)
+                self._scanner = CheckpointScanner(pattern, c.settle_s, positions, "step" if self.by_steps else "epoch")
+                self._scanner.baseline()
         self.request_path.unlink(missing_ok=True)  # a request of an earlier run of this number is not for us
-        argv = build_argv(self.cfg, self.placeholders())
+        argv = build_argv(self.cfg, self.placeholders(), self.resuming)
         cwd = self.cfg.base_dir / (self.cfg.trainer.cwd or ".")
         self.pump = OutputPump(self.log_path, self.cfg.watch.tail_lines, echo=self.echo)
         self.oom = OomKillWatch()
@@ -309,7 +371,8 @@ class Attempt:
             log.warning("attempt %d: step events without a numeric loss: NaN detection cannot work for them",
                         self.spec.attempt)  # fmt: skip
 
-    def _on_line(self, stream: str, line: str, out: Observed) -> None:
+    def _on_line(self, stream: str, line: str, out: Observed, at: float | None = None) -> None:
+        """One line of output; `at`: the unix time it was read (for naming the saves of a single file)."""
         previous, self._previous_line[stream] = self._previous_line.get(stream), line
         fault = classify_line(line, previous)
         if fault in (Fault.CUDA_ERROR, Fault.GPU_OOM, Fault.DISK_FULL) and self.fault is None:
@@ -318,13 +381,21 @@ class Attempt:
         if self.cfg.trainer.mode != "zero-code" or not self.accepting:
             return
         w = self.cfg.watch
-        m = re.search(w.epoch_regex, line)
-        if m and self.rules.in_range(epoch := int(m.group("epoch"))) and epoch > self.rules.epoch:
-            self.rules.epoch = epoch
+        if self.by_steps:
+            m = re.search(w.step_regex, line, re.IGNORECASE)
+            position = int(m.group("step")) if m else None
+        else:
+            m = re.search(w.epoch_regex, line)
+            position = int(m.group("epoch")) if m else None
+        if position is not None and self._snapshots is not None:
+            self._snapshots.note_key(position, time.time() if at is None else at)
+        if position is not None and self.rules.in_range(position) and position > self.rules.epoch:
+            self.rules.epoch = position
             if self._scanner is not None:  # the script moved on: earlier checkpoints are complete
-                self._found(self._scanner.poll(finished_below=epoch), out)
+                self._found(self._scanner.poll(finished_below=position), out)
         if self.fault is not None:
             return  # a pause: its grace period is for saving, not for new losses
+        self._metrics(line, out)
         if w.nan_regex and re.search(w.nan_regex, line):
             self.set_fault(Fault.NAN, line.strip()[:300])
         elif m := re.search(w.loss_regex, line, re.IGNORECASE):
@@ -333,9 +404,35 @@ class Attempt:
             if value is None or not math.isfinite(value):
                 self.set_fault(Fault.NAN, line.strip()[:300])
 
+    def _metrics(self, line: str, out: Observed) -> None:
+        """`[watch] metric_regex`: named groups of a matching line are eval metrics of the current position."""
+        metrics: dict[str, float | None] = {}
+        for regex in self._metric_res:
+            if m := regex.search(line):
+                metrics.update({k: P.to_number(v) for k, v in m.groupdict().items() if v is not None})
+        if not metrics:
+            return
+        bad = {k: v for k, v in metrics.items() if v is not None and not math.isfinite(v)}
+        key = self.rules.epoch
+        if bad:
+            self.set_fault(Fault.TEST_NAN, f"eval at {self.rules.noun} {key}: {bad} ({line.strip()[:200]})")
+        elif self.rules.in_range(key):
+            out.metrics.append((key, {k: v for k, v in metrics.items() if v is not None}))
+
     def _found(self, files: list[tuple[int, Path]], out: Observed) -> None:
         for epoch, path in files:
             out.checkpoints.append(self.rules.found(epoch, path, time.time()))
+
+    def _snapshotted(self, out: Observed, final: bool = False, alive: bool = True) -> None:
+        """Saves of the script's one checkpoint file that became checkpoints; after a fault of the script, only
+        saves from before it (complete: the output moved past them)."""
+        if self._snapshots is None:
+            return
+        cutoff = None if self.accepting else self.detected_wall
+        for snap in self._snapshots.poll(final=final, alive=alive, cutoff=cutoff):
+            announced = self.rules.found(snap.key, snap.path, time.time())
+            data = {"sha256": snap.sha256, "size": snap.size}
+            out.checkpoints.append(Announced(announced.epoch, announced.path, data, None, announced.noun))
 
     def _mark_activity(self, at: float) -> None:
         self._last_activity = max(self._last_activity, at)
@@ -363,10 +460,11 @@ class Attempt:
         self._on_events(out)
         for stream, line, at in self.pump.drain():
             self._mark_activity(at)
-            self._on_line(stream, line, out)
+            self._on_line(stream, line, out, time.time() - (now - at))
         if self._scanner is not None and self.accepting and now >= self._next_scan:
-            self._next_scan = now + 0.5
+            self._next_scan = now + 0.5  # a folder walk: not at every poll
             self._found(self._scanner.poll(), out)
+        self._snapshotted(out)  # one stat of one file
         if now >= self._next_cg:
             self._next_cg = now + 0.5
             self.oom.sample_tree(self.proc.pid)
@@ -381,10 +479,14 @@ class Attempt:
         self.pump.join()
         out = Observed()
         self._on_events(out)
-        for stream, line, _ in self.pump.drain():
-            self._on_line(stream, line, out)
+        now = time.monotonic()
+        for stream, line, at in self.pump.drain():
+            self._on_line(stream, line, out, time.time() - (now - at))
         if self._scanner is not None and rc == 0 and self.accepting:
             self._found(self._scanner.poll(final=True), out)
+        if self._snapshots is not None:
+            self._snapshotted(out, final=rc == 0 and self.accepting, alive=False)
+            self._snapshots.close()
         tail = list(self.pump.tail)
         self.pump.close()
         oom_killed = self.oom.fired()
@@ -411,4 +513,4 @@ def event_rules(cfg: RunConfig, run_dir: Path, start_epoch: int, start_step: int
         c = cfg.checkpoints
         return expected_path(c.pattern, epoch, layout.checkpoints, run_dir, step, c.step_pattern)
 
-    return EventRules(start_epoch, cfg.epochs, expected, resolve, start_step)
+    return EventRules(start_epoch, cfg.span, expected, resolve, start_step, unit=cfg.unit)

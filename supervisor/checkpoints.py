@@ -42,7 +42,8 @@ def resolve_pattern(pattern: str, checkpoint_dir: Path, run_dir: Path) -> str:
 
 def expected_path(pattern: str, epoch: int, checkpoint_dir: Path, run_dir: Path, step: int | None = None,
                   step_pattern: str = P.DEFAULT_STEP_PATTERN) -> Path:  # fmt: skip
-    """The run's checkpoint path for the end of `epoch`, or for `step` optimizer steps into it."""
+    """The run's checkpoint path for the end of `epoch`, or for `step` optimizer steps into it (in a run of
+    steps, `epoch` is the step count and `pattern` names it {step})."""
     if step is None:
         return Path(P.checkpoint_name(epoch, resolve_pattern(pattern, checkpoint_dir, run_dir)))
     return Path(P.checkpoint_name(epoch, step=step, step_pattern=resolve_pattern(step_pattern, checkpoint_dir,
@@ -115,10 +116,11 @@ class Announced:
     """A checkpoint the trainer said is complete (the watchdog hashes and records it); `step` is set for
     a mid-epoch one."""
 
-    epoch: int
+    epoch: int  # the run's position: an epoch, or a step count in a run of steps (noun "step")
     path: Path
     data: dict[str, Any]
     step: int | None = None
+    noun: str = "epoch"
 
     @property
     def position(self) -> tuple[int, int]:
@@ -126,7 +128,7 @@ class Announced:
 
     @property
     def label(self) -> str:
-        return f"epoch {self.epoch}" if self.step is None else f"epoch {self.epoch} step {self.step}"
+        return f"{self.noun} {self.epoch}" if self.step is None else f"epoch {self.epoch} step {self.step}"
 
     @property
     def claims_sha256(self) -> bool:
@@ -162,14 +164,19 @@ class Mark:
 class EventRules:
     """Interprets the protocol events of one attempt (pure apart from `resolve`).
 
-    `epoch` is the furthest epoch the attempt reached (for `failed_epoch`), `steps` counts step events.
+    `epoch` is the furthest position the attempt reached (for `failed_epoch`), `steps` counts step events.
+    In a run of steps (`unit` "steps") a position is a global step count: a step event's `step` S (finite
+    loss: S done, S+1 in progress; non-finite: S failed), an eval's and a checkpoint's `step` (the state after
+    S steps; never a mid-epoch checkpoint), and events' `epoch` fields are ignored.
     Events with an epoch outside start_epoch .. epochs-1 move nothing; a step whose loss is absent or
     not a number counts as a step but says nothing about NaN. `marks` remembers, per announced
     checkpoint position, how far the attempt had trained (for the work a resume from there loses).
     """
 
     def __init__(self, start_epoch: int, epochs: int, expected: Callable[[int, int | None], Path],
-                 resolve: Callable[[str], Path], start_step: int = 0) -> None:  # fmt: skip
+                 resolve: Callable[[str], Path], start_step: int = 0, unit: str = P.UNIT_EPOCHS) -> None:  # fmt: skip
+        self.by_steps = unit == P.UNIT_STEPS
+        self.noun = "step" if self.by_steps else "epoch"
         self.start_epoch = start_epoch
         self.start_step = start_step
         self.epochs = epochs
@@ -213,6 +220,13 @@ class EventRules:
         """When this attempt last announced a checkpoint (unix time), or None."""
         return max((m.t for m in self.marks.values()), default=None)
 
+    def position_of(self, ev: P.Event) -> int | None:
+        """The run position an event speaks of: its epoch, or in a run of steps its (global) step."""
+        if not self.by_steps:
+            return ev.epoch
+        step = ev.data.get("step")
+        return step if isinstance(step, int) and not isinstance(step, bool) and step >= 0 else None
+
     def feed(self, ev: P.Event, accepting: bool, now: float | None = None) -> Observed:
         """One event; `accepting` is False once a trainer-caused fault was named (nothing after counts).
         `now` (unix time it arrived) stands in for an event without a numeric `t`."""
@@ -224,8 +238,9 @@ class EventRules:
         t = t if t is not None and math.isfinite(t) else (time.time() if now is None else now)
         if ev.kind == P.EVENT_HEARTBEAT and isinstance(d.get(P.HANDLES), list):
             self.handles_requests = self.handles_requests or P.CAPABILITY_CHECKPOINT_REQUEST in d[P.HANDLES]
-        if ev.kind in (P.EVENT_STEP, P.EVENT_EVAL) and self.in_range(ev.epoch):
-            self.epoch = max(self.epoch, ev.epoch)
+        pos = self.position_of(ev)
+        if ev.kind in (P.EVENT_STEP, P.EVENT_EVAL) and self.in_range(pos):
+            self.epoch = max(self.epoch, pos)
         if ev.kind == P.EVENT_STEP:
             self.mark_step(t)
             loss = ev.loss
@@ -234,15 +249,18 @@ class EventRules:
             elif not math.isfinite(loss):
                 shown = str(d.get("loss"))
                 shown = shown if len(shown) <= 40 else f"{shown[:20]}...({len(shown)} characters)"
-                out.fault = (Fault.NAN, f"training loss {shown} at epoch {ev.epoch} step {d.get('step')}")
+                where = f"step {pos}" if self.by_steps else f"epoch {ev.epoch} step {d.get('step')}"
+                out.fault = (Fault.NAN, f"training loss {shown} at {where}")
+            elif self.by_steps and pos is not None and self.in_range(pos + 1):
+                self.epoch = max(self.epoch, pos + 1)  # step S done: S+1 in progress
         elif ev.kind == P.EVENT_EVAL:
             metrics = d.get("metrics") if isinstance(d.get("metrics"), dict) else {}
             numbers = {k: P.to_number(v) for k, v in metrics.items()}
             bad = {k: metrics[k] for k, v in numbers.items() if v is not None and not math.isfinite(v)}
             if bad:
-                out.fault = (Fault.TEST_NAN, f"eval of epoch {ev.epoch}: {bad}")
-            elif self.in_range(ev.epoch):
-                out.metrics.append((ev.epoch, numbers))
+                out.fault = (Fault.TEST_NAN, f"eval of {self.noun} {pos}: {bad}")
+            elif self.in_range(pos):
+                out.metrics.append((pos, numbers))
         elif ev.kind == P.EVENT_CHECKPOINT:
             out.extend(self._checkpoint(ev, t))
         return out
@@ -251,11 +269,13 @@ class EventRules:
         """A checkpoint of `epoch`'s end found without an announcement (zero-code mode)."""
         self.epoch = max(self.epoch, epoch + 1)
         self.marks[position(epoch, None)] = Mark(self.steps, t)
-        return Announced(epoch, path, {})
+        return Announced(epoch, path, {}, None, self.noun)
 
     def _checkpoint(self, ev: P.Event, t: float) -> Observed:
         out = Observed()
         raw, step = ev.data.get("path"), ev.data.get("step")
+        if self.by_steps:
+            return self._step_run_checkpoint(ev, t, raw)
         if ev.epoch is None or not isinstance(raw, str) or not raw or "\0" in raw:
             out.refused.append(f"checkpoint event without an integer epoch and a path: {str(ev.data)[:200]}")
             return out
@@ -275,4 +295,25 @@ class EventRules:
             self.announced.add(pos)
             self.epoch = max(self.epoch, ev.epoch + 1 if step is None else ev.epoch)
             out.checkpoints.append(Announced(ev.epoch, path, ev.data, step))
+        return out
+
+    def _step_run_checkpoint(self, ev: P.Event, t: float, raw: Any) -> Observed:
+        """A checkpoint in a run of steps: the state after `step` global steps, at the pattern's path for it."""
+        out = Observed()
+        step = self.position_of(ev)
+        if step is None or step < 1 or not isinstance(raw, str) or not raw or "\0" in raw:
+            out.refused.append("checkpoint event without a whole number of steps >= 1 and a path (a run of steps: "
+                               f"{{\"event\":\"checkpoint\",\"step\":S,\"path\":P}}): {str(ev.data)[:200]}")
+            return out
+        path = self.resolve(raw)
+        why = refusal(step, path, self.start, self.epochs, self.expected(step, None))
+        if why is not None:
+            out.refused.append(f"checkpoint of step {step} not counted: {why.replace('epoch', 'step')}")
+            return out
+        pos = position(step, None)
+        self.marks.setdefault(pos, Mark(self.steps, t))
+        if pos not in self.announced:
+            self.announced.add(pos)
+            self.epoch = max(self.epoch, step + 1)
+            out.checkpoints.append(Announced(step, path, ev.data, None, self.noun))
         return out

@@ -78,7 +78,8 @@ def open_store(cfg: RunConfig):
 
 def cmd_validate(args: argparse.Namespace) -> int:
     cfg = _load_runnable(args.config)
-    print(f"{args.config}: ok (run '{cfg.name}', {cfg.epochs} epochs, run dir {cfg.resolved_run_dir()})")
+    length = cfg.epochs if cfg.steps is None else cfg.steps
+    print(f"{args.config}: ok (run '{cfg.name}', {length} {cfg.unit}, run dir {cfg.resolved_run_dir()})")
     for line in _plan_warnings(cfg):
         print(f"{args.config}: warning: {line}")
     return 0
@@ -91,7 +92,7 @@ def _plan_warnings(cfg: RunConfig) -> list[str]:
     from supervisor import ledger as L
     from supervisor.watchdog import plan_shortfalls
 
-    out = []
+    out = cfg.resume_warnings()
     if cfg.checkpoints.every_s is not None and cfg.trainer.mode == "zero-code":
         out.append("checkpoints.every_s has no effect in zero-code mode: a script cannot be asked for a checkpoint")
     facts = L.read_facts(cfg.resolved_run_dir() / L.LEDGER_NAME)

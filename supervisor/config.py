@@ -23,13 +23,26 @@ else:  # pragma: no cover
     import tomli as tomllib
 
 from supervisor.faults import Fault
-from supervisor.protocol import DEFAULT_CHECKPOINT_PATTERN, DEFAULT_STEP_PATTERN, checkpoint_regex
+from supervisor.protocol import (
+    DEFAULT_CHECKPOINT_PATTERN,
+    DEFAULT_STEP_PATTERN,
+    DEFAULT_STEP_RUN_PATTERN,
+    checkpoint_regex,
+)
 from supervisor.store.settings import StorageSettings
 
 PLACEHOLDERS = (
     "seed", "load_epoch", "start_epoch", "epochs", "run_dir", "checkpoint_dir",
-    "attempt", "batch_divisor", "load_path", "params", "python", "start_step", "load_step",
+    "attempt", "batch_divisor", "load_path", "params", "python", "start_step", "load_step", "steps",
 )  # fmt: skip
+# Placeholders that mean nothing in a run counted in steps (`steps = N`) or in epochs (`epochs = N`).
+EPOCH_ONLY = ("load_epoch", "start_epoch", "epochs")
+STEP_ONLY = ("steps",)
+# In a command: `{name}` is a placeholder, `{{` and `}}` write a literal brace, `${...}` (a shell variable)
+# and braces around anything but a name (awk's `{print $1}`) are left alone.
+PLACEHOLDER_RE = re.compile(r"\{\{|\}\}|\$\{[^{}]*\}|\{(\w+)\}")
+# Placeholders that tell a script where to resume from (a zero-code command without one restarts from scratch).
+RESUME_PLACEHOLDERS = ("load_path", "load_epoch", "start_epoch", "start_step", "load_step")
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 1000**2, "mb": 1000**2, "g": 1000**3,
           "gb": 1000**3, "t": 1000**4, "tb": 1000**4, "kib": 1024, "mib": 1024**2, "gib": 1024**3,
@@ -93,32 +106,87 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
+def placeholder_names(text: str) -> list[str]:
+    """The placeholders `text` uses ({{, }} and ${...} are not placeholders)."""
+    return [m.group(1) for m in PLACEHOLDER_RE.finditer(text) if m.group(1)]
+
+
+def fill_placeholders(text: str, values: dict[str, str]) -> str:
+    """`text` with its placeholders replaced by `values`, `{{`/`}}` by single braces, `${...}` kept."""
+
+    def one(m: re.Match[str]) -> str:
+        token = m.group(0)
+        if token in ("{{", "}}"):
+            return token[0]
+        if m.group(1) is None:
+            return token  # ${VAR}: the shell's
+        return values.get(m.group(1), token)
+
+    return PLACEHOLDER_RE.sub(one, text)
+
+
+def _check_placeholders(values: list[str]) -> list[str]:
+    for text in values:
+        for name in placeholder_names(text):
+            if name not in PLACEHOLDERS:
+                raise ValueError(f"unknown placeholder {{{name}}}; known: {', '.join(PLACEHOLDERS)} (write {{{{ and "
+                                 "}} for a literal brace)")  # fmt: skip
+    return values
+
+
+def _split_args(v: Any) -> Any:
+    if isinstance(v, str):
+        import shlex
+
+        v = shlex.split(v)
+    return v
+
+
 class TrainerConfig(_Strict):
     command: list[str]
     env: dict[str, str] = Field(default_factory=dict)
     params: dict[str, Any] = Field(default_factory=dict)
+    # The trainer's working directory, relative to run.toml's folder (default: that folder).
     cwd: str | None = None
     mode: Literal["protocol", "zero-code"] = "protocol"
+    # Appended to `command` (and added to `env`) on a fresh start / on a resume from a checkpoint.
+    fresh_args: list[str] = Field(default_factory=list)
+    resume_args: list[str] = Field(default_factory=list)
+    fresh_env: dict[str, str] = Field(default_factory=dict)
+    resume_env: dict[str, str] = Field(default_factory=dict)
 
     @field_validator("command", mode="before")
     @classmethod
     def _split(cls, v: Any) -> Any:
-        if isinstance(v, str):
-            import shlex
-
-            v = shlex.split(v)
+        v = _split_args(v)
         if isinstance(v, list) and not v:
             raise ValueError("expected a non-empty command (list of strings or a string)")
         return v
 
-    @field_validator("command")
+    @field_validator("fresh_args", "resume_args", mode="before")
+    @classmethod
+    def _split_extra(cls, v: Any) -> Any:
+        return _split_args(v)
+
+    @field_validator("command", "fresh_args", "resume_args")
     @classmethod
     def _placeholders(cls, v: list[str]) -> list[str]:
-        for arg in v:
-            for name in re.findall(r"\{([^{}]*)\}", arg):
-                if name not in PLACEHOLDERS:
-                    raise ValueError(f"unknown placeholder {{{name}}}; known: {', '.join(PLACEHOLDERS)}")
+        return _check_placeholders(v)
+
+    @field_validator("env", "fresh_env", "resume_env")
+    @classmethod
+    def _env_placeholders(cls, v: dict[str, str]) -> dict[str, str]:
+        _check_placeholders(list(v.values()))
         return v
+
+    def texts(self, resume: bool | None = None) -> list[str]:
+        """Every string a placeholder may be in: command and env, plus the fresh and/or resume extras."""
+        out = [*self.command, *self.env.values()]
+        if resume in (None, False):
+            out += [*self.fresh_args, *self.fresh_env.values()]
+        if resume in (None, True):
+            out += [*self.resume_args, *self.resume_env.values()]
+        return out
 
 
 class SeedsConfig(_Strict):
@@ -169,20 +237,44 @@ class WatchConfig(_Strict):
     loss_regex: str = r"\bloss\b\s*[=:]\s*(?P<loss>[-+]?(?:nan|inf(?:inity)?|\d+(?:\.\d*)?(?:[eE][-+]?\d+)?))"
     nan_regex: str | None = None
     epoch_regex: str = r"\bepoch\b\s*[=: ]\s*(?P<epoch>\d+)"
+    # Zero-code runs counted in steps: the optimizer step a line speaks of (`step 250`, `iter 250:`, `step=250`).
+    step_regex: str = r"\b(?:step|iter(?:ation)?)\b\s*[=:# ]?\s*(?P<step>\d+)"
+    # Zero-code: each named group of each regex is an eval metric of the current epoch/step (best_metric).
+    metric_regex: list[str] = Field(default_factory=list)
+
+    @field_validator("metric_regex", mode="before")
+    @classmethod
+    def _metric_list(cls, v: Any) -> Any:
+        return [v] if isinstance(v, str) else v
+
+    @field_validator("metric_regex")
+    @classmethod
+    def _metric_groups(cls, v: list[str]) -> list[str]:
+        for text in v:
+            try:
+                compiled = re.compile(text)
+            except re.error as exc:
+                raise ValueError(f"expected a regular expression ({exc}): {text!r}") from None
+            if not compiled.groupindex:
+                raise ValueError(f"expected named groups, e.g. 'val loss (?P<val_loss>[0-9.]+)', in {text!r}")
+        return v
 
     @field_validator("memory_limit", "disk_min_free", mode="before")
     @classmethod
     def _size(cls, v: Any) -> Any:
         return None if v is None else parse_size(v, "a size")
 
-    @field_validator("loss_regex", "nan_regex", "epoch_regex")
+    @field_validator("loss_regex", "nan_regex", "epoch_regex", "step_regex")
     @classmethod
-    def _regex(cls, v: str | None) -> str | None:
+    def _regex(cls, v: str | None, info: Any) -> str | None:
         if v is not None:
             try:
-                re.compile(v)
+                compiled = re.compile(v)
             except re.error as exc:
                 raise ValueError(f"expected a regular expression ({exc})") from None
+            group = {"loss_regex": "loss", "epoch_regex": "epoch", "step_regex": "step"}.get(info.field_name)
+            if group and group not in compiled.groupindex:
+                raise ValueError(f"expected a named group (?P<{group}>...) in {v!r}")
         return v
 
 
@@ -191,7 +283,14 @@ class CheckpointsConfig(_Strict):
     keep_best: Annotated[int, Field(ge=0)] = 1
     best_metric: str | None = None
     best_mode: Literal["max", "min"] = "max"
-    pattern: str = DEFAULT_CHECKPOINT_PATTERN
+    # The checkpoint file names: with {epoch} in a run of epochs, {step} in a run of steps (default per unit).
+    pattern: str = ""
+    # Zero-code: the ONE file a script overwrites with its checkpoint (relative to the trainer's cwd); each
+    # complete save is copied into the checkpoint dir under `pattern`, and put back here before a resume.
+    file: str | None = None
+    # An exit 0 before the last epoch's/step's checkpoint is verified: false completes the run with the newest
+    # verified checkpoint as the final one (scripts whose last save is optional); true diagnoses it as `incomplete`.
+    require_last: bool = True
     settle_s: Grace = 2.0
     # Mid-epoch checkpoints (asked for before a pause, or every `every_s`): `{epoch}` and `{step}`.
     step_pattern: str = DEFAULT_STEP_PATTERN
@@ -209,14 +308,11 @@ class CheckpointsConfig(_Strict):
             raise ValueError(f"expected seconds between 1 and {WEEK:.0f}, or \"auto\" (got {v!r})")
         return float(v)
 
-    @field_validator("pattern")
+    @field_validator("file")
     @classmethod
-    def _pattern(cls, v: str) -> str:
-        try:
-            v.format(epoch=0, checkpoint_dir="d", run_dir="d")
-            checkpoint_regex(v.replace("{checkpoint_dir}", "d").replace("{run_dir}", "d"))
-        except (ValueError, KeyError, IndexError) as exc:
-            raise ValueError(f"expected a file pattern with an {{epoch}} placeholder ({exc})") from None
+    def _file(cls, v: str | None) -> str | None:
+        if v is not None and (not v.strip() or v.endswith(("/", "\\")) or "\0" in v):
+            raise ValueError(f"expected the path of the script's checkpoint file, e.g. \"out/ckpt.pt\" (got {v!r})")
         return v
 
     @field_validator("step_pattern")
@@ -232,12 +328,21 @@ class CheckpointsConfig(_Strict):
             raise ValueError("expected a file pattern with both {epoch} and {step} placeholders")
         return v
 
-    @model_validator(mode="after")
-    def _distinct(self) -> CheckpointsConfig:
-        if self.step_pattern.format(epoch=0, step=1, checkpoint_dir="d", run_dir="d") == self.pattern.format(
-                epoch=0, checkpoint_dir="d", run_dir="d"):  # fmt: skip
-            raise ValueError("checkpoints.step_pattern: names the same file as checkpoints.pattern; make them differ")
-        return self
+
+def _pattern_problem(pattern: str, field: str) -> str | None:
+    """Why `pattern` cannot name the checkpoints of a run counted in `field` ("epoch"/"step"), or None."""
+    other, a = ("step", "an") if field == "epoch" else ("epoch", "a")
+    try:
+        filled = pattern.format(**{field: 0}, checkpoint_dir="d", run_dir="d")
+        if filled == pattern.format(**{field: 1}, checkpoint_dir="d", run_dir="d"):
+            raise ValueError(f"no {{{field}}} placeholder")
+        checkpoint_regex(pattern.replace("{checkpoint_dir}", "d").replace("{run_dir}", "d"), field)
+    except KeyError as exc:
+        hint = f" ({{{other}}} belongs to a run counted in {other}s)" if exc.args[0] == other else ""
+        return f"expected a file pattern with {a} {{{field}}} placeholder (unknown placeholder {{{exc.args[0]}}}{hint})"
+    except (ValueError, IndexError) as exc:
+        return f"expected a file pattern with {a} {{{field}}} placeholder ({exc})"
+    return None
 
 
 class PlatformConfig(_Strict):
@@ -282,7 +387,9 @@ class PlatformConfig(_Strict):
 
 class RunConfig(_Strict):
     name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9._-]+$")]
-    epochs: Annotated[int, Field(ge=1)]
+    # The run's length and unit: epochs, or optimizer steps (exactly one of the two).
+    epochs: Annotated[int, Field(ge=1)] | None = None
+    steps: Annotated[int, Field(ge=1)] | None = None
     run_dir: str = "runs/{name}"
     trainer: TrainerConfig
     seeds: SeedsConfig = Field(default_factory=SeedsConfig)
@@ -300,6 +407,63 @@ class RunConfig(_Strict):
         if v in (".", ".."):  # runs/{name} would be the runs folder or its parent, not a run's own folder
             raise ValueError("expected a run name, not '.' or '..'")
         return v
+
+    @model_validator(mode="after")
+    def _unit(self) -> RunConfig:
+        if (self.epochs is None) == (self.steps is None):
+            if self.epochs is None:
+                raise ValueError("epochs: required key is missing (or `steps = N` for a run counted in optimizer "
+                                 "steps)")  # fmt: skip
+            raise ValueError("steps: a run counts epochs or steps, not both; remove `epochs` or `steps`")
+        field = "step" if self.steps is not None else "epoch"
+        c = self.checkpoints
+        if not c.pattern:
+            pattern = DEFAULT_STEP_RUN_PATTERN if field == "step" else DEFAULT_CHECKPOINT_PATTERN
+            object.__setattr__(self, "checkpoints", c.model_copy(update={"pattern": pattern}))
+            c = self.checkpoints
+        if (why := _pattern_problem(c.pattern, field)) is not None:
+            raise ValueError(f"checkpoints.pattern: {why}")
+        if field == "epoch" and c.step_pattern.format(epoch=0, step=1, checkpoint_dir="d", run_dir="d") == (
+                c.pattern.format(epoch=0, checkpoint_dir="d", run_dir="d")):  # fmt: skip
+            raise ValueError("checkpoints.step_pattern: names the same file as checkpoints.pattern; make them differ")
+        wrong = STEP_ONLY if field == "epoch" else EPOCH_ONLY
+        for name in {n for text in self.trainer.texts() for n in placeholder_names(text)} & set(wrong):
+            instead = ("{steps}, {start_step}, {load_step}" if field == "step"
+                       else "{epochs}, {start_epoch}, {load_epoch}")  # fmt: skip
+            raise ValueError(f"trainer: {{{name}}} means nothing in a run counted in {field}s; use {instead}")
+        if c.file is not None and self.trainer.mode != "zero-code":
+            raise ValueError("checkpoints.file: only for trainer.mode = \"zero-code\" (a protocol trainer announces "
+                             "its checkpoints); remove it or set the mode")  # fmt: skip
+        return self
+
+    @property
+    def unit(self) -> str:
+        """"epochs" or "steps": what the run counts, and what checkpoints, restart rows and reports speak in."""
+        return "steps" if self.steps is not None else "epochs"
+
+    @property
+    def span(self) -> int:
+        """How many checkpoint positions the run has: epochs 0..epochs-1, or steps 1..steps (key 0 unused).
+        The run is complete once position span - 1 is verified."""
+        return self.steps + 1 if self.steps is not None else self.epochs  # type: ignore[operator]
+
+    def resume_warnings(self) -> list[str]:
+        """Why restarts of a zero-code command may not do what the restart table says (empty in protocol mode,
+        where the trainer reads SUPERVISOR_SEED and SUPERVISOR_LOAD_PATH)."""
+        t = self.trainer
+        if t.mode != "zero-code":
+            return []
+        out = []
+        used = {n for text in t.texts() for n in placeholder_names(text)}
+        if "seed" not in used:
+            out.append("trainer: the command never receives {seed} (e.g. --seed={seed}): unless the script reads "
+                       "SUPERVISOR_SEED, the seed column of the restart table records seeds it never used")  # fmt: skip
+        resumes = {n for text in t.texts(resume=True) for n in placeholder_names(text)} & set(RESUME_PLACEHOLDERS)
+        if not resumes and self.checkpoints.file is None and not t.resume_args and not t.resume_env:
+            out.append("trainer: the command never receives a resume point ({load_path}, {start_epoch}, ...; or "
+                       "[checkpoints] file with resume_args): unless the script finds its checkpoint by itself, every "
+                       "restart trains from scratch")  # fmt: skip
+        return out
 
     def resolved_run_dir(self) -> Path:
         path = Path(self.run_dir.replace("{name}", self.name)).expanduser()
@@ -364,6 +528,8 @@ def _format_error(err: dict[str, Any]) -> str:
     if kind == "missing":
         return f"{where}: required key is missing"
     msg = err["msg"].removeprefix("Value error, ")
+    if where == "(top level)" and re.match(r"[a-z_.]+: ", msg):  # a model check names its key (RunConfig._unit)
+        return msg
     if msg.startswith((f"{where}: ", f"{where}.")):  # the message names its key already (StorageSettings)
         return msg
     if kind.endswith("_type") or kind.endswith("_parsing") or kind == "finite_number":

@@ -24,6 +24,7 @@ class Fault(str, Enum):
     HANG = "hang"
     DISK_FULL = "disk full"
     CRASH = "crash"
+    INCOMPLETE = "incomplete"  # exited 0 before the run's last checkpoint was verified
     TIME_LIMIT = "time limit"
     PREEMPTED = "preempted"
     SESSION_LOST = "session lost"
@@ -73,6 +74,7 @@ RULES: dict[Fault, FaultRule] = {
     Fault.HANG: FaultRule(pauses=False, external=False, grace="none"),
     Fault.DISK_FULL: FaultRule(pauses=False, external=False, grace="short"),
     Fault.CRASH: FaultRule(pauses=False, external=False, grace="short"),
+    Fault.INCOMPLETE: FaultRule(pauses=False, external=False, grace="short"),
     Fault.TIME_LIMIT: FaultRule(pauses=True, external=True, grace="stop"),
     Fault.PREEMPTED: FaultRule(pauses=True, external=True, grace="stop"),
     Fault.STOPPED: FaultRule(pauses=True, external=True, grace="stop"),

@@ -187,6 +187,7 @@ class AttemptView:
     load_step: int | None = None  # steps into load_epoch of a mid-epoch checkpoint; None: its end
     lost_steps: int | None = None  # trained after the point the next attempt resumed from
     lost_s: float | None = None
+    detail: str = ""  # how it ended, in words (the fault's evidence)
 
     @property
     def start_step(self) -> int:
@@ -208,6 +209,8 @@ class RunView:
     skipped: list[str] = field(default_factory=list)  # facts of the wrong shape, not folded
     partials: dict[tuple[int, int], CheckpointRecord] = field(default_factory=dict)  # mid-epoch, by (epoch, step)
     plan: dict[str, Any] = field(default_factory=dict)  # the last `plan` fact's fields
+    unit: str = "epochs"  # what positions count (session_started's `unit`): "epochs", or "steps" where every
+    # `epoch` field of a fact (checkpoint, metrics, attempts' load/start/failed epoch) holds a global step count
 
     def newest(self) -> CheckpointRecord | None:
         """The newest verified checkpoint, mid-epoch or not (training order)."""
@@ -231,7 +234,11 @@ class RunView:
         return sorted(self.checkpoints)
 
     def restart_rows(self) -> list[dict[str, Any]]:
-        """The table the user used to keep by hand: epoch | load_epoch | seed | reason."""
+        """The table the user used to keep by hand: epoch | load_epoch | seed | reason; in a run of steps
+        step | load_step | seed | reason (load_step -1: a fresh start)."""
+        if self.unit == "steps":
+            return [{"step": max(1, a.start_epoch), "load_step": a.load_epoch, "seed": a.seed, "reason": a.reason}
+                    for a in self.attempts]  # fmt: skip
         return [
             {"epoch": a.start_epoch, "load_epoch": a.load_epoch, "load_step": a.load_step, "seed": a.seed,
              "reason": a.reason}
@@ -294,6 +301,7 @@ def _apply(view: RunView, by_id: dict[int, AttemptView], f: dict[str, Any]) -> N
             progressed=bool(f.get("progressed", False)),
             tail=[str(x) for x in tail] if isinstance(tail, list) else [],
             ended_at=float(f.get("ts", 0.0)),
+            detail=str(f.get("detail") or ""),
         )
         a.ended = True
         for key, value in ended.items():
@@ -319,6 +327,9 @@ def _apply(view: RunView, by_id: dict[int, AttemptView], f: dict[str, Any]) -> N
             del held[key]
             if kind == CHECKPOINT_REMOVED:
                 view.removed.append((rec.epoch, rec.sha256))
+    elif kind == SESSION_STARTED:
+        if f.get("unit") in ("epochs", "steps"):
+            view.unit = f["unit"]
     elif kind == WORK_LOST:
         a = by_id[_int(f["attempt"])]
         a.lost_steps, a.lost_s = _int(f["steps"]), float(f["seconds"])

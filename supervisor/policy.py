@@ -71,7 +71,19 @@ def next_seed(pool: list[int], used: set[int], name: str) -> int:
 
 
 def is_complete(view: RunView, epochs: int) -> bool:
+    """The last position (epoch epochs-1, or in a run of steps step N: pass span = N + 1) is verified."""
     return (epochs - 1) in view.checkpoints
+
+
+def consecutive_same_start(attempts: list[AttemptView], load: int) -> int:
+    """How many attempts at the end of the list failed after resuming from `load` without a new checkpoint
+    (a run of steps: the same failing step rarely repeats, the same stretch does)."""
+    n = 0
+    for a in reversed(attempts):
+        if a.load_epoch != load or a.progressed or _fault_of(a) in EXTERNAL or a.load_step is not None:
+            break
+        n += 1
+    return n
 
 
 def _fault_of(a: AttemptView) -> Fault | None:
@@ -143,14 +155,27 @@ def first_launch(view: RunView, pool: list[int], name: str, epochs: int) -> Deci
 
 
 def decide(view: RunView, cfg: RestartConfig, pool: list[int], name: str, epochs: int, u: float) -> Decision:
-    """Next step after the last attempt in `view` ended. `u` in [0, 1) drives the backoff jitter."""
+    """Next step after the last attempt in `view` ended. `u` in [0, 1) drives the backoff jitter. In a run of
+    steps (view.unit) `epochs` is the span (steps + 1) and positions are step counts."""
     if is_complete(view, epochs):
         return Complete()
     last = view.last
     assert last is not None and last.ended, "decide() needs an ended attempt"
     fault = _fault_of(last) or Fault.CRASH
+    noun = "step" if view.unit == "steps" else "epoch"
     if fault.pauses:
         return Pause(fault.value)
+    if fault is Fault.INCOMPLETE:
+        # An exit 0 is no failure: a script that saved more and stopped (its own time budget) continues from its
+        # newest checkpoint (a new seed, as every restart that is no pause); one that saved nothing new would only
+        # exit again: say why and stop.
+        newest = view.newest()
+        if not last.progressed or newest is None:
+            return GiveUp(last.detail or f"the trainer exited 0 before the run's last {noun} was verified")
+        seed = next_seed(pool, view.seeds_used, name)
+        return Launch(load_epoch=newest.epoch, load_step=newest.step, seed=seed, reason=fault.value,
+                      batch_divisor=last.batch_divisor,
+                      note="it exited 0 after new checkpoints: continuing")  # fmt: skip
 
     recent = view.attempts[view.budget_start :]  # a give-up and a new start reset the budgets
     counted = [a for a in recent if a.ended and _fault_of(a) not in EXTERNAL and a.fault]
@@ -175,18 +200,23 @@ def decide(view: RunView, cfg: RestartConfig, pool: list[int], name: str, epochs
         stuck = consecutive_no_progress(recent)
         if stuck >= cfg.no_progress_limit:
             return GiveUp(
-                f"no progress across {stuck} attempts: no checkpoint beyond epoch {view.high_water} "
-                f"(last fault '{fault.value}' during epoch {last.failed_epoch})"
+                f"no progress across {stuck} attempts: no checkpoint beyond {noun} {view.high_water} "
+                f"(last fault '{fault.value}' during {noun} {last.failed_epoch})"
             )
 
     failed = last.failed_epoch if last.failed_epoch is not None else view.high_water + 1
     rollback = 0
     note = ""
     if fault not in EXTERNAL:
-        rollback = consecutive_same_epoch(view.attempts, failed) // cfg.rollback_after
+        if view.unit == "steps":
+            rollback = consecutive_same_start(view.attempts, resume_epoch(view, before=failed)) // cfg.rollback_after
+        else:
+            rollback = consecutive_same_epoch(view.attempts, failed) // cfg.rollback_after
     load = resume_epoch(view, before=failed, rollback=rollback)
     if rollback and load != resume_epoch(view, before=failed):  # already at a fresh start: nothing rolled back
-        note = f"epoch {failed} failed {rollback * cfg.rollback_after}x in a row: rolled back to epoch {load}"
+        base = resume_epoch(view, before=failed)
+        what = f"the steps after step {base}" if view.unit == "steps" else f"epoch {failed}"
+        note = f"{what} failed {rollback * cfg.rollback_after}x in a row: rolled back to {noun} {load}"
 
     divisor = last.batch_divisor
     if fault is Fault.GPU_OOM and cfg.halve_batch_on_gpu_oom:

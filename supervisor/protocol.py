@@ -30,6 +30,11 @@ ENV_LOAD_SHA256 = "SUPERVISOR_LOAD_SHA256"
 ENV_START_STEP = "SUPERVISOR_START_STEP"
 # Extension: the file the watchdog writes a checkpoint request into (see CheckpointRequest).
 ENV_CHECKPOINT_REQUEST = "SUPERVISOR_CHECKPOINT_REQUEST"
+# Runs counted in optimizer steps (`steps = N`): the unit ("epochs"/"steps"), the total, the checkpoint names.
+ENV_UNIT = "SUPERVISOR_UNIT"
+ENV_STEPS = "SUPERVISOR_STEPS"
+ENV_CHECKPOINT_PATTERN = "SUPERVISOR_CHECKPOINT_PATTERN"
+UNIT_EPOCHS, UNIT_STEPS = "epochs", "steps"
 
 # Event kinds (fixed surface).
 EVENT_STEP = "step"
@@ -41,6 +46,8 @@ EVENT_KINDS = frozenset({EVENT_STEP, EVENT_EVAL, EVENT_CHECKPOINT, EVENT_HEARTBE
 DEFAULT_CHECKPOINT_PATTERN = "epoch-{epoch:04d}.pt"
 # Mid-epoch checkpoints: `step` optimizer steps of `epoch` trained.
 DEFAULT_STEP_PATTERN = "epoch-{epoch:04d}-step-{step:08d}.pt"
+# A run counted in steps: the checkpoint holding the state after `step` optimizer steps.
+DEFAULT_STEP_RUN_PATTERN = "step-{step:08d}.pt"
 # A trainer that honours checkpoint requests says so once, early, in a heartbeat:
 #   {"event":"heartbeat","handles":["checkpoint_request"]}
 HANDLES = "handles"
@@ -61,9 +68,10 @@ _NONFINITE_STRINGS = {
 
 def checkpoint_name(epoch: int, pattern: str = DEFAULT_CHECKPOINT_PATTERN, step: int | None = None,
                     step_pattern: str = DEFAULT_STEP_PATTERN) -> str:  # fmt: skip
-    """File name (or relative path) of the checkpoint of `epoch` (its end), or of `step` steps into it."""
+    """File name (or relative path) of the checkpoint of `epoch` (its end), or of `step` steps into it. In a run
+    of steps the position `epoch` is the global step count, which its pattern names {step}."""
     if step is None:
-        return pattern.format(epoch=epoch)
+        return pattern.format(epoch=epoch, step=epoch)
     return step_pattern.format(epoch=epoch, step=step)
 
 
@@ -97,16 +105,17 @@ class CheckpointRequest:
         return cls(rid, reason, stop)
 
 
-def checkpoint_regex(pattern: str = DEFAULT_CHECKPOINT_PATTERN) -> re.Pattern[str]:
-    """A regex that matches paths produced by `pattern` and captures the epoch as group 'epoch'."""
-    out, pos = [], 0
-    for m in re.finditer(r"\{epoch(?::[^}]*)?\}", pattern):
+def checkpoint_regex(pattern: str = DEFAULT_CHECKPOINT_PATTERN, field: str = "epoch") -> re.Pattern[str]:
+    """A regex that matches paths produced by `pattern` and captures its `field` placeholder ("epoch", or
+    "step" in a run counted in steps) as group 'epoch' (the run's position, whatever its unit)."""
+    out, pos, seen = [], 0, False
+    for m in re.finditer(r"\{" + field + r"(?::[^}]*)?\}", pattern):
         out.append(re.escape(pattern[pos : m.start()]))
-        out.append(r"(?P<epoch>\d+)")
-        pos = m.end()
+        out.append(r"(?P=epoch)" if seen else r"(?P<epoch>\d+)")
+        seen, pos = True, m.end()
     out.append(re.escape(pattern[pos:]))
-    if "(?P<epoch>" not in "".join(out):
-        raise ValueError(f"checkpoint pattern {pattern!r} has no {{epoch}} placeholder")
+    if not seen:
+        raise ValueError(f"checkpoint pattern {pattern!r} has no {{{field}}} placeholder")
     return re.compile("".join(out) + r"\Z")
 
 

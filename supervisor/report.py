@@ -19,8 +19,10 @@ def _finite(x: Any) -> Any:
 
 
 def build(run_dir: Path, name: str, running: bool, best_metric: str | None = None, mode: str = "max") -> dict:
-    """The report as one JSON-able object (fixed surface: name, status, restarts, checkpoints, best)."""
+    """The report as one JSON-able object (fixed surface: name, status, restarts, checkpoints, best). A run of
+    steps (`unit` "steps") names positions `step` where a run of epochs names them `epoch`."""
     view = L.fold(L.read_facts(run_dir / L.LEDGER_NAME))
+    noun = "step" if view.unit == "steps" else "epoch"
     status = L.STATUS_RUNNING if running else view.status
     if not running and status == L.STATUS_RUNNING and view.attempts:
         status = L.STATUS_PAUSED  # the supervisor vanished mid-run; the next start continues it
@@ -31,15 +33,24 @@ def build(run_dir: Path, name: str, running: bool, best_metric: str | None = Non
         m_mode = mode if metric == best_metric else ("min" if "loss" in lower else "max")
         found = view.best(metric, m_mode)
         if found:
-            best[metric] = {"value": found[0], "epoch": found[1], "mode": m_mode}
+            best[metric] = {"value": found[0], noun: found[1], "mode": m_mode}
     attempts = []
     for a in view.attempts:
+        if noun == "step":
+            attempts.append({
+                "attempt": a.attempt, "step": max(1, a.start_epoch), "load_step": a.load_epoch, "seed": a.seed,
+                "reason": a.reason, "ended_by": a.fault, "exit": a.exit, "failed_step": a.failed_epoch,
+                "steps": a.steps, "batch_divisor": a.batch_divisor, "host": a.host,
+                "duration_s": round(a.ended_at - a.started_at, 1) if a.ended_at else None,
+                "lost_steps": a.lost_steps, "lost_s": a.lost_s, "detail": a.detail,
+            })  # fmt: skip
+            continue
         attempts.append({
             "attempt": a.attempt, "epoch": a.start_epoch, "load_epoch": a.load_epoch, "seed": a.seed,
             "reason": a.reason, "ended_by": a.fault, "exit": a.exit, "failed_epoch": a.failed_epoch,
             "load_step": a.load_step, "steps": a.steps, "batch_divisor": a.batch_divisor, "host": a.host,
             "duration_s": round(a.ended_at - a.started_at, 1) if a.ended_at else None,
-            "lost_steps": a.lost_steps, "lost_s": a.lost_s,
+            "lost_steps": a.lost_steps, "lost_s": a.lost_s, "detail": a.detail,
         })  # fmt: skip
     lost: dict[str, dict[str, Any]] = {}
     for a in view.attempts:
@@ -51,6 +62,7 @@ def build(run_dir: Path, name: str, running: bool, best_metric: str | None = Non
     plan = view.plan
     return {
         "name": name,
+        "unit": view.unit,
         "status": status,
         "diagnosis": view.diagnosis,
         "restarts": view.restart_rows(),
@@ -70,13 +82,14 @@ def build(run_dir: Path, name: str, running: bool, best_metric: str | None = Non
 
 def to_markdown(rep: dict) -> str:
     """The report as the markdown table the experiment log used to be kept in, by hand."""
+    noun = "step" if rep.get("unit") == "steps" else "epoch"
     out = [f"# {rep['name']}", "", f"* status: {rep['status']}"]
     if rep.get("diagnosis"):
         out.append(f"* note: {rep['diagnosis']}")
     for metric, b in rep["best"].items():
         value = b["value"]
         shown = f"{value * 100:.2f}%" if metric in ("AP50", "VOCmAP") else f"{value:.4g}"
-        out.append(f"* {b['mode']} {metric}: {shown} @ epoch {b['epoch']}")
+        out.append(f"* {b['mode']} {metric}: {shown} @ {noun} {b[noun]}")
     ck = rep["checkpoints"]
     out.append(f"* verified checkpoints: {', '.join(map(str, ck)) if ck else 'none'}")
     for m in rep.get("mid_epoch_checkpoints", []):
@@ -88,8 +101,11 @@ def to_markdown(rep: dict) -> str:
     for reason, w in rep.get("work_lost", {}).items():
         out.append(f"* work lost to '{reason}': {w['steps']} steps, {w['seconds']:.1f}s of training over "
                    f"{w['attempts']} attempt(s)")
-    out += ["", "| epoch | load_epoch | seed | reason |", "| :---: | :---: | :---: | :---: |"]
+    out += ["", f"| {noun} | load_{noun} | seed | reason |", "| :---: | :---: | :---: | :---: |"]
     for r in rep["restarts"]:
+        if noun == "step":
+            out.append(f"| {r['step']} | {r['load_step']} | {r['seed']} | {r['reason']} |")
+            continue
         load = r["load_epoch"] if r.get("load_step") is None else f"{r['load_epoch']} @ step {r['load_step']}"
         out.append(f"| {r['epoch']} | {load} | {r['seed']} | {r['reason']} |")
     return "\n".join(out) + "\n"
@@ -114,6 +130,8 @@ def status(run_dir: Path, name: str, holder: dict | None) -> dict:
         out["supervisor"] = {"pid": holder.get("pid"), "host": holder.get("host")}
     if last is not None:
         out.update(attempt=last.attempt, seed=last.seed, epoch=last.start_epoch, reason=last.reason)
+        if view.unit == "steps":
+            out["unit"] = "steps"
         events = RunLayout(run_dir).attempt_events(last.attempt)
         evs = EventTail(events).poll()
         if evs:
@@ -124,6 +142,9 @@ def status(run_dir: Path, name: str, holder: dict | None) -> dict:
                 out["epoch"] = steps[-1].epoch if steps[-1].epoch is not None else out["epoch"]
                 out["last_loss"] = steps[-1].data.get("loss")
                 out["step"] = steps[-1].data.get("step")
+    if view.unit == "steps" and "epoch" in out:  # positions are steps: the step reached, not an epoch
+        out["step"] = out.pop("epoch") if out.get("step") is None else out["step"]
+        out.pop("epoch", None)
     out["verified_checkpoints"] = view.verified_epochs()
     out["restarts"] = max(0, len(view.attempts) - 1)
     return out

@@ -86,6 +86,7 @@ class Watchdog:
         self._interval_why: str | None = None
         self._lost_rules: tuple[int, EventRules] | None = None  # a lost attempt's events, for its work lost
         self._earlier_costs = D.Costs()
+        self.noun = "step" if cfg.unit == "steps" else "epoch"
 
     # -- outside requests ---------------------------------------------------------------------
 
@@ -296,7 +297,7 @@ class Watchdog:
                                why="retention")  # fmt: skip
             self.store.remove_checkpoint(record, self.run_dir)
             (self.run_dir / record.path).unlink(missing_ok=True)
-            log.info("retention: removed checkpoint of epoch %d", epoch)
+            log.info("retention: removed checkpoint of %s %d", self.noun, epoch)
 
     def guard_disk(self, attempt: Attempt) -> None:
         """Below disk_min_free: prune old checkpoints and stale temp files; still below is `disk full`."""
@@ -397,23 +398,35 @@ class Watchdog:
                            failed_epoch=rules.epoch, steps=rules.steps, progressed=self._attempt_progressed,
                            tail=[], detail=detail)  # fmt: skip
         log.warning("attempt %d was left running by a supervisor that vanished: closed as '%s'%s", last.attempt,
-                    reason.value, f", its events up to epoch {rules.epoch} read" if rules.steps else "")  # fmt: skip
+                    reason.value,
+                    f", its events up to {self.noun} {rules.epoch} read" if rules.steps else "")  # fmt: skip
 
     def _drive(self) -> int:
         cfg = self.cfg
-        self._close_lost_attempt(self.view())
+        view = self.view()
+        if view.attempts and view.unit != cfg.unit:
+            log.error("run '%s' counts %s in its record (%s), but run.toml now says `%s = ...`: a run keeps its unit; "
+                      "give the run a new name (or run_dir) to count %s", cfg.name, view.unit, self.layout.ledger,
+                      cfg.unit, cfg.unit)  # fmt: skip
+            return EXIT_USAGE
+        self._close_lost_attempt(view)
         view = self.view()
         self.ledger.append(L.SESSION_STARTED, pid=os.getpid(), host=socket.gethostname(), version=__version__,
-                           store=self.store.describe(), platform=self.platform.name)  # fmt: skip
+                           store=self.store.describe(), platform=self.platform.name, unit=cfg.unit)  # fmt: skip
+        view = self.view()
         self._write_params()
         self._earlier_costs = D.Costs.from_plan(view.plan)
         self._plan_warnings()
-        decision = policy.first_launch(view, cfg.seeds.pool, cfg.name, cfg.epochs)
+        decision = policy.first_launch(view, cfg.seeds.pool, cfg.name, cfg.span)
+        if not cfg.checkpoints.require_last and view.status == L.STATUS_COMPLETED:
+            decision = policy.Complete()  # it ended with an exit 0 before (require_last = false)
         if self._lost_rules is not None:
             self._record_lost(*self._lost_rules, decision)
         while True:
             if isinstance(decision, policy.Complete):
-                return self._end(L.STATUS_COMPLETED, EXIT_COMPLETED, "all epochs verified")
+                done = policy.is_complete(self.view(), cfg.span)
+                why = f"all {cfg.unit} verified" if done else "the trainer exited 0 (checkpoints.require_last = false)"
+                return self._end(L.STATUS_COMPLETED, EXIT_COMPLETED, why)
             if isinstance(decision, policy.Pause):
                 return self._end(L.STATUS_PAUSED, EXIT_PAUSED, decision.reason)
             if isinstance(decision, policy.GiveUp):
@@ -459,7 +472,8 @@ class Watchdog:
             why = "missing from the ledger" if record is None else "missing or corrupt (sha256 mismatch)"
             if record is not None:
                 self.ledger.append(L.CHECKPOINT_UNAVAILABLE, epoch=load_epoch, sha256=record.sha256, why=why)
-            log.warning("checkpoint of epoch %d is %s: falling back to the previous verified one", load_epoch, why)
+            log.warning("checkpoint of %s %d is %s: falling back to the previous verified one", self.noun, load_epoch,
+                        why)  # fmt: skip
             load_epoch = policy.resume_epoch(self.view(), before=load_epoch)
         return -1, None
 
@@ -493,25 +507,53 @@ class Watchdog:
                            host=socket.gethostname(), command=argv)  # fmt: skip
         note = f" ({launch.note})" if launch.note else ""
         at = f" step {spec.start_step}" if spec.load_step is not None else ""
-        source = record.label if record else "none (fresh start)"
-        log.info("attempt %d: epoch %d%s from checkpoint %s, seed %d, reason '%s'%s", number, spec.start_epoch, at,
+        source = f"{self.noun} {record.epoch}" if record and record.step is None else (
+            record.label if record else "none (fresh start)")  # fmt: skip
+        first = max(1, spec.start_epoch) if cfg.unit == "steps" else spec.start_epoch  # steps count from 1
+        log.info("attempt %d: %s %d%s from checkpoint %s, seed %d, reason '%s'%s", number, self.noun, first, at,
                  source, spec.seed, launch.reason, note)  # fmt: skip
         result = self._watch(attempt)
         self.record_hashed(wait=True)
         view = self.view()
         fault, detail = result.fault, result.detail
-        if fault is None and not policy.is_complete(view, cfg.epochs):
-            fault = Fault.CRASH
-            detail = f"exited 0 before the checkpoint of epoch {cfg.epochs - 1} was verified"
+        if fault is None and not policy.is_complete(view, cfg.span):
+            if not cfg.checkpoints.require_last:
+                return self._exited_done(number, result, view)
+            fault, detail = Fault.INCOMPLETE, self._incomplete(result, view)
         self.ledger.append(L.ATTEMPT_ENDED, attempt=number, fault=fault.value if fault else None, exit=result.exit,
                            failed_epoch=result.failed_epoch, steps=result.steps, progressed=self._attempt_progressed,
                            detail=detail, tail=result.tail, detected_at=result.detected_at)  # fmt: skip
         self._attempt = None
         if fault is not None:
             log.info("attempt %d ended: %s (%s)", number, fault.value, result.exit)
-        decision = policy.decide(self.view(), cfg.restart, cfg.seeds.pool, cfg.name, cfg.epochs, random.random())
+        decision = policy.decide(self.view(), cfg.restart, cfg.seeds.pool, cfg.name, cfg.span, random.random())
         self._record_lost(number, attempt.rules, decision)
         return decision
+
+    def _incomplete(self, result: AttemptResult, view: L.RunView) -> str:
+        """Why an exit 0 did not complete the run, and the two ways out."""
+        last = self.cfg.span - 1
+        newest = view.newest()
+        have = f"the newest verified is {newest.label.replace('epoch', self.noun)}" if newest else "none is verified"
+        return (f"the trainer exited 0 at {self.noun} {result.failed_epoch} before the checkpoint of {self.noun} "
+                f"{last} was verified ({have}): if the script saves only on improvement or its last save is "
+                f"optional, set [checkpoints] require_last = false; otherwise make it save at its last "
+                f"{self.noun}")  # fmt: skip
+
+    def _exited_done(self, number: int, result: AttemptResult, view: L.RunView) -> policy.Decision:
+        """require_last = false: an exit 0 ends the run, its newest verified checkpoint the final one."""
+        newest = view.newest()
+        final = newest.label.replace("epoch", self.noun) if newest else "none"
+        self.ledger.append(L.ATTEMPT_ENDED, attempt=number, fault=None, exit=result.exit,
+                           failed_epoch=result.failed_epoch, steps=result.steps, progressed=self._attempt_progressed,
+                           detail=f"exited 0: complete (require_last = false), final checkpoint {final}",
+                           tail=result.tail, detected_at=result.detected_at)  # fmt: skip
+        self._attempt = None
+        if result.failed_epoch < self.cfg.span - 1:
+            log.warning("the trainer exited 0 at %s %d, before %s %d: taken as the end of the run (require_last = "
+                        "false)", self.noun, result.failed_epoch, self.noun, self.cfg.span - 1)  # fmt: skip
+        log.info("run complete: the trainer exited 0; final checkpoint %s", final)
+        return policy.Complete()
 
     def _record_lost(self, number: int, rules: EventRules, decision: policy.Decision) -> None:
         """The work of attempt `number` that the next one does again: the steps and training seconds after
@@ -539,6 +581,8 @@ class Watchdog:
         measured (earlier sessions) or configured costs."""
         for line in plan_shortfalls(self.cfg, self._earlier_costs):
             log.warning("deadline plan: %s", line)
+        for line in self.cfg.resume_warnings():
+            log.warning("%s", line)
 
     def _watch(self, attempt: Attempt) -> AttemptResult:
         """The watch loop: take what the attempt observed, ask it to stop when a pause is due, until it ends.

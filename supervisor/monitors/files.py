@@ -12,20 +12,20 @@ Signature = tuple[int, int, int]  # size, mtime_ns, inode
 
 
 class CheckpointScanner:
-    """Reports (epoch, path) for files matching the absolute path `pattern` whose size and mtime have
-    held still for `settle_s`; at once with `final=True` (the process has exited) or for epochs below
-    `finished_below` (the script's output has moved on to a later epoch).
+    """Reports (position, path) for files matching the absolute path `pattern` (its {epoch}, or {step} in a
+    run of steps: `field`) whose size and mtime have held still for `settle_s`; at once with `final=True` (the
+    process has exited) or for positions below `finished_below` (the script's output has moved past them).
 
     Only this attempt's files count: `baseline()` (called at launch) remembers every matching file
     that already exists, and such a file is reported only once it changes (it was written again).
     Epochs outside `epochs` (the attempt's range) are never reported; each epoch is reported once.
     """
 
-    def __init__(self, pattern: str, settle_s: float, epochs: range):
+    def __init__(self, pattern: str, settle_s: float, epochs: range, field: str = "epoch"):
         parts = Path(pattern).parts
         depth = next((i for i, p in enumerate(parts) if "{" in p), len(parts) - 1)
         self.base = Path(*parts[:depth]) if depth else Path(".")  # the deepest folder without a placeholder
-        self.regex = checkpoint_regex(pattern)
+        self.regex = checkpoint_regex(pattern, field)  # group 'epoch': the position, an epoch or a step count
         self.settle_s = settle_s
         self.epochs = epochs
         self._before: dict[Path, Signature] = {}

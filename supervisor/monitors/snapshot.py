@@ -1,0 +1,277 @@
+"""Zero-code mode for scripts that keep ONE checkpoint file (`[checkpoints] file`): every complete save of
+that file becomes a checkpoint of the run, copied into the checkpoint dir under `[checkpoints] pattern`.
+
+    script overwrites out/ckpt.pt --> settled (held still settle_s, or the script exited 0)
+        --> copied (sha256 while copying; the source must not change meanwhile) --> named by the run's position
+
+The position (epoch or step) of a save is the last one the script's output named before the save's mtime
+(`note_key`), else the order of saves. In a run of steps the copy is a checkpoint at once. In a run of epochs
+a script may save several times per epoch, so the copy of epoch E counts only once the output has moved past E
+(or the script exited 0); a later save of E replaces it, and one still pending when the script dies is dropped.
+Copies run on one worker thread: the watch loop never waits on a large file.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import shutil
+import tempfile
+import time
+import zipfile
+from collections import deque
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from supervisor.durable import TMP_SUFFIX, fsync_dir
+
+log = logging.getLogger("supervisor")
+
+Signature = tuple[int, int, int]  # size, mtime_ns, inode
+# A file's mtime comes from the kernel's coarse clock (up to a few ms behind the time) and a line is stamped when
+# our pump reads it: a line counts as printed before a save if it was read up to this long after the save's mtime.
+LINE_SLACK_S = 0.05
+
+
+class Changed(OSError):
+    """The source file changed while it was copied: a newer save is on its way."""
+
+
+def signature(path: Path) -> Signature | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_size, st.st_mtime_ns, st.st_ino
+
+
+def looks_complete(path: Path) -> bool:
+    """False for a zip archive (torch.save's format) without its central directory: a save cut short.
+    Files in other formats cannot be judged and pass."""
+    try:
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                return True
+        return zipfile.is_zipfile(path)
+    except OSError:
+        return False
+
+
+def copy_settled(source: Path, folder: Path, sig: Signature) -> tuple[Path, int, str]:
+    """Copy `source` (expected at signature `sig`) to a temp file in `folder`, hashing as it goes; fsynced.
+    Raises Changed when the source is not at `sig` after the copy (the temp file is removed)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{source.name}.snapshot.", suffix=TMP_SUFFIX, dir=folder)
+    h, size = hashlib.sha256(), 0
+    try:
+        with open(source, "rb") as src, os.fdopen(fd, "wb") as dst:
+            while block := src.read(1 << 20):
+                h.update(block)
+                dst.write(block)
+                size += len(block)
+            dst.flush()
+            os.fsync(dst.fileno())
+        if signature(source) != sig or size != sig[0]:
+            raise Changed(f"{source} changed while it was copied")
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return Path(tmp), size, h.hexdigest()
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """A complete save of the script's file, copied to `path` (final name) with its size and sha256."""
+
+    key: int
+    path: Path
+    size: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class _Copy:
+    mtime: float  # unix time of the save
+    tmp: Path
+    size: int
+    sha256: str
+
+
+class FileSnapshots:
+    """Turns the saves of one checkpoint file into checkpoints of the run (see the module doc).
+
+    `dest(key)` is the checkpoint path of a position; `keys` the positions this attempt may produce (a save
+    named outside it, such as the script saving again the point it resumed from, is skipped). `by_epoch`: the
+    run counts epochs (copies of an epoch count once the output moved past it).
+
+    The position of a save: the last one the output named before the save's mtime (LINE_SLACK_S). In a run of
+    steps every save is a new position, so when that one was named already (the line naming the new step was
+    read late), it is the first new position the output names after the save.
+    """
+
+    def __init__(self, source: Path, settle_s: float, dest: Callable[[int], Path], keys: range, by_epoch: bool):
+        self.source = source
+        self.settle_s = settle_s
+        self.dest = dest
+        self.keys = keys
+        self.by_epoch = by_epoch
+        self._baseline: Signature | None = None
+        self._taken: set[Signature] = set()  # signatures copied or being copied
+        self._seen: tuple[Signature, float] | None = None  # a changed signature and when it was first seen
+        self._history: deque[tuple[float, int]] = deque(maxlen=4096)  # (unix time, position) the output named
+        self._order = keys.start - 1  # the position of the last save
+        self._done: set[int] = set()
+        self._copies: list[_Copy] = []  # copied, position not yet known
+        self._pending: dict[int, tuple[_Copy, float]] = {}  # by_epoch: copies awaiting the next epoch
+        self._jobs: list[tuple[float, Future]] = []
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="snapshot")
+
+    def baseline(self) -> None:
+        """The file as it is before the attempt starts (restored for a resume, or left by earlier work)."""
+        self._baseline = signature(self.source)
+
+    def note_key(self, key: int, at: float) -> None:
+        """The script's output named position `key` at unix time `at` (when the line was read)."""
+        if not self._history or key != self._history[-1][1]:
+            self._history.append((at, key))
+
+    def poll(self, final: bool = False, alive: bool = True, cutoff: float | None = None) -> list[Snapshot]:
+        """Snapshots ready now. `final`: the script exited 0 (nothing it wrote is still being written). `alive`
+        False: it is gone (every line it printed was read; a save that merely holds still may be one cut short by
+        its death, so only saves the output moved past count). `cutoff`: the unix time a fault of the script was
+        named; saves after it do not count."""
+        ended = final or not alive
+        self._watch(final, alive, cutoff)
+        self._harvest(wait=ended)
+        ready = []
+        while self._copies:
+            copy = self._copies[0]
+            key = self._key_for(copy.mtime, ended)
+            if key is None:
+                break  # the output has not named it yet
+            self._copies.pop(0)
+            if key not in self.keys or (not self.by_epoch and key <= self._order) or key in self._done:
+                log.info("%s saved at %s %d, not after this attempt's start or the previous save: not a new "
+                         "checkpoint", self.source, "epoch" if self.by_epoch else "step", key)  # fmt: skip
+                _unlink(copy.tmp)
+                continue
+            self._order = max(self._order, key)
+            if self.by_epoch and self._history:  # named by the output: wait until it moves past the epoch
+                if key in self._pending:  # a later save of the same epoch replaces the earlier one
+                    _unlink(self._pending[key][0].tmp)
+                self._pending[key] = (copy, copy.mtime)
+            else:
+                ready.append(self._place(key, copy))
+        for key in sorted(self._pending):
+            copy, mtime = self._pending[key]
+            if final or any(k > key and at > mtime + LINE_SLACK_S for at, k in self._history):  # moved past it
+                del self._pending[key]
+                ready.append(self._place(key, copy))
+        return ready
+
+    def _key_for(self, mtime: float, ended: bool) -> int | None:
+        before = after = None
+        for at, k in self._history:
+            if at <= mtime + LINE_SLACK_S:
+                before = k
+            elif after is None and (self.by_epoch or k > self._order):
+                after = k
+        if before is not None and (self.by_epoch or before > self._order):
+            return before
+        if after is not None:
+            return after
+        if ended or not self._history:
+            return self._order + 1  # the output names no position: the order of saves
+        return None
+
+    def _moved_past(self, mtime: float) -> bool:
+        """The output named a later position after the save: a script that saves synchronously finished it."""
+        named = None
+        for at, k in self._history:
+            if at <= mtime + LINE_SLACK_S:
+                named = k
+            elif named is None or k > named:
+                return True
+        return False
+
+    def _watch(self, final: bool, alive: bool, cutoff: float | None) -> None:
+        sig = signature(self.source)
+        if sig is None or sig == self._baseline or sig in self._taken:
+            return
+        mtime = sig[1] / 1e9
+        if cutoff is not None and mtime >= cutoff:
+            return  # written after the script's fault: does not count
+        now = time.monotonic()
+        if self._seen is None or self._seen[0] != sig:
+            self._seen = (sig, now)
+        settled = alive and now - self._seen[1] >= self.settle_s
+        if not (final or settled or self._moved_past(mtime)):
+            return
+        if not looks_complete(self.source):
+            if final:
+                self._taken.add(sig)
+                log.warning("%s is not a complete archive (a save cut short?): not taken as a checkpoint",
+                            self.source)  # fmt: skip
+            return
+        self._taken.add(sig)
+        folder = self.dest(self.keys.start).parent
+        folder.mkdir(parents=True, exist_ok=True)
+        self._jobs.append((mtime, self._pool.submit(copy_settled, self.source, folder, sig)))
+
+    def _harvest(self, wait: bool) -> None:
+        while self._jobs and (wait or self._jobs[0][1].done()):
+            mtime, job = self._jobs.pop(0)
+            try:
+                tmp, size, digest = job.result()
+            except Changed:
+                log.info("%s changed while it was copied: waiting for the newer save", self.source)
+                continue
+            except OSError as exc:
+                log.error("cannot copy %s into the checkpoint dir (%s): this save is not a checkpoint", self.source,
+                          exc.strerror or exc)  # fmt: skip
+                continue
+            self._copies.append(_Copy(mtime, tmp, size, digest))
+
+    def _place(self, key: int, copy: _Copy) -> Snapshot:
+        self._done.add(key)
+        path = self.dest(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(copy.tmp, path)
+        fsync_dir(path.parent)
+        return Snapshot(key, path, copy.size, copy.sha256)
+
+    def close(self) -> None:
+        """Stop copying; copies not placed are removed (a save of an epoch the output never moved past)."""
+        self._pool.shutdown(wait=True)
+        self._harvest(wait=True)
+        for copy in [*self._copies, *(c for c, _ in self._pending.values())]:
+            _unlink(copy.tmp)
+        self._copies.clear()
+        self._pending.clear()
+
+
+def _unlink(path: Path) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(path)
+
+
+def restore(snapshot: Path, target: Path) -> None:
+    """Put a verified checkpoint back where the script expects its file (atomically: a reader sees the old file
+    or the whole snapshot)."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TMP_SUFFIX, dir=target.parent)
+    try:
+        with open(snapshot, "rb") as src, os.fdopen(fd, "wb") as dst:
+            shutil.copyfileobj(src, dst, 1 << 20)
+            dst.flush()
+            os.fsync(dst.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(target.parent)
