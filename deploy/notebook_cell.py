@@ -23,9 +23,11 @@ import sys
 from pathlib import Path
 
 # EDIT: where pip finds this project (a fork, a tag, a private mirror...). A clone on this disk (an
-# offline mirror) is "train-supervisor @ git+file://localhost/path/to/clone": pip refuses the
+# offline mirror) is "train-supervisor[trainer] @ git+file://localhost/path/to/clone": pip refuses the
 # host-less git+file:///path ("Invalid requirement"), so this cell rewrites that form to localhost.
-PACKAGE = "train-supervisor @ git+https://github.com/YOUR-ACCOUNT/train-supervisor.git"
+# [trainer] brings what the demo's reference detector imports (the platform's torch is kept); without
+# it pip installs the torch-free watchdog alone, enough for a trainer of your own.
+PACKAGE = "train-supervisor[trainer] @ git+https://github.com/YOUR-ACCOUNT/train-supervisor.git"
 
 
 def detect_platform(env=os.environ):

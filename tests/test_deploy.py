@@ -480,7 +480,7 @@ def dockerfile_build_check() -> str:
     """The Python code of the Dockerfile's build check: `python -c CODE` in the RUN that installs the project."""
     import shlex
 
-    runs = [args for instr, args in dockerfile_instructions() if instr == "RUN" and "pip install ." in args]
+    runs = [args for instr, args in dockerfile_instructions() if instr == "RUN" and "pip install" in args]
     assert len(runs) == 1, runs
     words = shlex.split(runs[0])
     checks = [words[i + 2] for i in range(len(words) - 2) if words[i] == "python" and words[i + 1] == "-c"]

