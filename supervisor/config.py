@@ -332,10 +332,12 @@ class CheckpointsConfig(_Strict):
 def _pattern_problem(pattern: str, field: str) -> str | None:
     """Why `pattern` cannot name the checkpoints of a run counted in `field` ("epoch"/"step"), or None."""
     other, a = ("step", "an") if field == "epoch" else ("epoch", "a")
+    example = "epoch-{epoch:04d}.pt" if field == "epoch" else "step-{step:08d}.pt"
     try:
         filled = pattern.format(**{field: 0}, checkpoint_dir="d", run_dir="d")
         if filled == pattern.format(**{field: 1}, checkpoint_dir="d", run_dir="d"):
-            raise ValueError(f"no {{{field}}} placeholder")
+            return (f"expected a file pattern with {a} {{{field}}} placeholder, e.g. {example!r}; a script that "
+                    "overwrites one checkpoint file: [checkpoints] file = \"out/ckpt.pt\" (zero-code mode)")
         checkpoint_regex(pattern.replace("{checkpoint_dir}", "d").replace("{run_dir}", "d"), field)
     except KeyError as exc:
         hint = f" ({{{other}}} belongs to a run counted in {other}s)" if exc.args[0] == other else ""
