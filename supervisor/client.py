@@ -32,6 +32,7 @@ from supervisor.durable import atomic_write, fsync_dir, sha256_file
 from supervisor.protocol import CheckpointRequest
 
 __all__ = [
+    "DEFAULT_STEP_RUN_PATTERN",
     "SIGTERM_REQUEST_ID",
     "CheckpointRequest",
     "ChecksumMismatch",
@@ -49,6 +50,14 @@ __all__ = [
 # The id of the stop request a SIGTERM turns into: negative, so it never collides with the watchdog's
 # ids, and not announced as `request` (the announcement carries `"reason": "sigterm"` instead).
 SIGTERM_REQUEST_ID = -1
+
+# Step-based runs (run.toml `steps = N`): the environment names and the default checkpoint name.
+ENV_UNIT = P.ENV_UNIT
+ENV_STEPS = P.ENV_STEPS
+ENV_CHECKPOINT_PATTERN = P.ENV_CHECKPOINT_PATTERN
+UNIT_EPOCHS = P.UNIT_EPOCHS
+UNIT_STEPS = P.UNIT_STEPS
+DEFAULT_STEP_RUN_PATTERN = P.DEFAULT_STEP_RUN_PATTERN  # the checkpoint after S global optimizer steps
 
 
 class NonFiniteLoss(RuntimeError):
@@ -86,7 +95,7 @@ class _Save:
 
     state: Any
     path: Path
-    epoch: int
+    epoch: int | None  # None in a step run: the checkpoint is named by its global step alone
     step: int | None
     request: CheckpointRequest | None
     announce: bool
@@ -158,6 +167,10 @@ class Supervised:
     # Background saves copy into the previous snapshot's host buffers (no page faults, no new pinned
     # memory), at the cost of keeping one snapshot of host memory between saves. False: freed after each write.
     reuse_buffers: bool = True
+    # "epochs" (run.toml `epochs = N`) or "steps" (`steps = N`: the run counts global optimizer steps; then
+    # `steps` is N, `start_step` the global steps already done, and checkpoints are named by step alone).
+    unit: str = UNIT_EPOCHS
+    steps: int | None = None
 
     # Runtime state (not part of the attempt's description; `dataclasses.replace` starts it afresh).
     _emit_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
@@ -171,9 +184,20 @@ class Supervised:
     _request: CheckpointRequest | None = field(default=None, init=False, repr=False, compare=False)
     _buffers: dict | None = field(default=None, init=False, repr=False, compare=False)  # host buffers to reuse
 
+    def __post_init__(self) -> None:
+        if self.unit not in (UNIT_EPOCHS, UNIT_STEPS):
+            raise ValueError(f"unit must be {UNIT_EPOCHS!r} or {UNIT_STEPS!r}, not {self.unit!r}")
+        if self.unit == UNIT_STEPS and self.checkpoint_pattern == P.DEFAULT_CHECKPOINT_PATTERN:
+            self.checkpoint_pattern = DEFAULT_STEP_RUN_PATTERN  # the epoch default names nothing in a step run
+
     @property
     def supervised(self) -> bool:
         return self.events_path is not None
+
+    @property
+    def step_run(self) -> bool:
+        """True in a step-based run (`unit == "steps"`): checkpoints and events count global steps."""
+        return self.unit == UNIT_STEPS
 
     @classmethod
     def from_env(cls, env: dict[str, str] | None = None) -> Supervised:
@@ -182,14 +206,20 @@ class Supervised:
         params: dict[str, Any] = {}
         if env.get(P.ENV_PARAMS):
             params = json.loads(Path(env[P.ENV_PARAMS]).read_text(encoding="utf-8"))
+        unit = (env.get(ENV_UNIT) or UNIT_EPOCHS).strip().lower()
         epochs = env.get(P.ENV_EPOCHS)
+        steps = env.get(ENV_STEPS)
         load_epoch = _env_int(env, P.ENV_LOAD_EPOCH, -1)
         start_step = max(0, _env_int(env, P.ENV_START_STEP, 0))
         ckpt_dir = Path(env.get(P.ENV_CHECKPOINT_DIR) or "checkpoints")
         load_path = env.get(P.ENV_LOAD_PATH)
         request = env.get(P.ENV_CHECKPOINT_REQUEST)
-        # A mid-epoch checkpoint continues its own epoch; an epoch-end one starts the next.
-        default_start = load_epoch if start_step > 0 else load_epoch + 1
+        if unit == UNIT_STEPS:  # no epochs: start_step counts global steps done, the loaded checkpoint's step
+            default_start = 0
+            pattern = env.get(ENV_CHECKPOINT_PATTERN) or DEFAULT_STEP_RUN_PATTERN
+        else:  # a mid-epoch checkpoint continues its own epoch; an epoch-end one starts the next
+            default_start = load_epoch if start_step > 0 else load_epoch + 1
+            pattern = env.get(ENV_CHECKPOINT_PATTERN) or P.DEFAULT_CHECKPOINT_PATTERN
         return cls(
             run_dir=Path(env[P.ENV_RUN_DIR]) if env.get(P.ENV_RUN_DIR) else None,
             checkpoint_dir=ckpt_dir,
@@ -203,8 +233,11 @@ class Supervised:
             params=params,
             load_path=Path(load_path) if load_path else None,
             load_sha256=env.get(P.ENV_LOAD_SHA256) or None,
+            checkpoint_pattern=pattern,
             start_step=start_step,
             request_path=Path(request) if request else None,
+            unit=unit,
+            steps=int(steps) if steps else None,
         )
 
     # -- events -----------------------------------------------------------------------------
@@ -229,36 +262,89 @@ class Supervised:
                 f.write(line)
                 f.flush()
 
-    def step(self, epoch: int, step: int, loss: float, **extra: Any) -> None:
+    def step(self, epoch: int | None = None, step: int | None = None, loss: float | None = None, **extra: Any) -> None:
         """Report a training step; raises NonFiniteLoss (after reporting it) if `loss` is NaN/inf.
 
+        Epoch run: `step(epoch, step, loss)`, `step` the optimizer steps of `epoch` done before this one.
+        Step run: `step(step=S, loss=L)`, S the global optimizer steps done counting this one (the first
+        is 1); an `epoch=` given as well is written too (informational, ignored by the watchdog).
         Before reporting a non-finite loss it lets an in-flight checkpoint save finish and announce
         itself: a checkpoint announced after the fault would not count.
         """
+        if step is None or loss is None:
+            raise TypeError("step() needs step= and loss= (and the epoch in an epoch run: step(epoch, step, loss))")
         loss = float(loss)
         if not math.isfinite(loss):
             self._join_save()
-        self.emit(P.EVENT_STEP, epoch=epoch, step=step, loss=loss, **extra)
+        fields: dict[str, Any] = {} if epoch is None else {"epoch": epoch}
+        self.emit(P.EVENT_STEP, **fields, step=step, loss=loss, **extra)
         if not math.isfinite(loss):
-            raise NonFiniteLoss(f"non-finite training loss {loss} at epoch {epoch} step {step}")
+            where = f"step {step}" if epoch is None else f"epoch {epoch} step {step}"
+            raise NonFiniteLoss(f"non-finite training loss {loss} at {where}")
 
-    def eval(self, epoch: int, metrics: dict[str, Any]) -> None:
-        """Report evaluation metrics of `epoch` (the watchdog turns a non-finite one into `test nan`)."""
-        self.emit(P.EVENT_EVAL, epoch=epoch, metrics=metrics)
+    def eval(
+        self, epoch: int | dict[str, Any] | None = None, metrics: dict[str, Any] | None = None, *,
+        step: int | None = None,
+    ) -> None:  # fmt: skip
+        """Report evaluation metrics (the watchdog turns a non-finite one into `test nan`).
+
+        Epoch run: `eval(epoch, metrics)`, measured at the end of `epoch`. Step run: `eval(metrics, step=S)`,
+        measured after S global steps.
+        """
+        if isinstance(epoch, dict) and metrics is None:
+            epoch, metrics = None, epoch
+        if metrics is None:
+            raise TypeError("eval() needs the metrics: eval(epoch, metrics) or eval(metrics, step=S)")
+        fields: dict[str, Any] = {}
+        if epoch is not None:
+            fields["epoch"] = epoch
+        if step is not None:
+            fields["step"] = step
+        self.emit(P.EVENT_EVAL, **fields, metrics=metrics)
 
     def heartbeat(self, **extra: Any) -> None:
         self.emit(P.EVENT_HEARTBEAT, **extra)
 
-    def checkpoint_path(self, epoch: int, step: int | None = None) -> Path:
-        """The end-of-epoch checkpoint of `epoch`, or the one `step` optimizer steps into it."""
-        return self.checkpoint_dir / P.checkpoint_name(epoch, self.checkpoint_pattern, step, self.step_pattern)
+    def checkpoint_path(self, epoch: int | None = None, step: int | None = None) -> Path:
+        """Epoch run: the end-of-epoch checkpoint of `epoch`, or the one `step` optimizer steps into it.
+        Step run: `checkpoint_path(step=S)`, the checkpoint after S global steps (`checkpoint_pattern`)."""
+        keys = {"checkpoint_dir": self.checkpoint_dir, "run_dir": self.run_dir or self.checkpoint_dir.parent}
+        if self.step_run:
+            if step is None:
+                raise TypeError("checkpoint_path() in a step run needs step=S (global optimizer steps)")
+            if epoch is not None:
+                keys["epoch"] = epoch
+            name = self.checkpoint_pattern.format(step=step, **keys)
+        else:
+            if epoch is None:
+                raise TypeError("checkpoint_path() in an epoch run needs the epoch")
+            pattern = self.checkpoint_pattern if step is None else self.step_pattern
+            name = pattern.format(epoch=epoch, step=step, **keys)
+        return self.checkpoint_dir / name  # an absolute name stays itself
 
     def checkpoint_done(
-        self, epoch: int, path: str | os.PathLike[str] | None = None, step: int | None = None, **extra: Any
-    ) -> None:
-        """Announce a complete checkpoint: the end of `epoch` (after its eval), or `step` optimizer
-        steps into it. `extra` adds keys (sha256, size, request, ...)."""
-        fields: dict[str, Any] = {"epoch": epoch}
+        self, epoch: int | None = None, path: str | os.PathLike[str] | None = None, step: int | None = None,
+        **extra: Any,
+    ) -> None:  # fmt: skip
+        """Announce a complete checkpoint: the end of `epoch` (after its eval), or `step` optimizer steps
+        into it; in a step run `checkpoint_done(step=S)`, the state after S global steps (no epoch is
+        written). `extra` adds keys (sha256, size, stall_s, ...). `request=` a CheckpointRequest marks it
+        served and writes its id and reason (a SIGTERM's stop: the reason alone), as `save_checkpoint` does
+        for the files it writes itself."""
+        request = extra.get("request")
+        if isinstance(request, CheckpointRequest):
+            del extra["request"]
+            if request.id >= 0:
+                extra["request"] = request.id
+            extra.setdefault("reason", request.reason)
+            self._mark_served(request)
+        fields: dict[str, Any] = {}
+        if not self.step_run:
+            if epoch is None:
+                raise TypeError("checkpoint_done() in an epoch run needs the epoch")
+            fields["epoch"] = epoch
+        elif step is None:
+            raise TypeError("checkpoint_done() in a step run needs step=S")
         if step is not None:
             fields["step"] = step
         fields["path"] = str(path or self.checkpoint_path(epoch, step))
@@ -342,14 +428,15 @@ class Supervised:
     def save_checkpoint(
         self,
         state: Any,
-        epoch: int,
+        epoch: int | None = None,
         step: int | None = None,
         request: CheckpointRequest | None = None,
         background: bool = True,
         announce: bool = True,
     ) -> Path:
-        """Save `state` as the checkpoint of `epoch` (its end), or `step` optimizer steps into it,
-        then announce it (with sha256, size, step, request, stall_s, write_s). Returns its path.
+        """Save `state` as the checkpoint of `epoch` (its end), or `step` optimizer steps into it (in a
+        step run: `save_checkpoint(state, step=S)`, after S global steps), then announce it (with sha256,
+        size, step, request, stall_s, write_s). Returns its path.
 
         background=True: `state` is first copied to host memory (`snapshot`: the caller may go on
         training right away), then a background thread writes it atomically (temp file, fsync,
@@ -359,8 +446,9 @@ class Supervised:
         `request` marks that request served (its id goes into the announcement).
         """
         t0 = time.perf_counter()
+        path = self.checkpoint_path(epoch, step)  # a missing epoch/step is a TypeError before anything happens
         self.wait()
-        job = _Save(state, self.checkpoint_path(epoch, step), epoch, step, request, announce)
+        job = _Save(state, path, epoch, step, request, announce)
         if not background:  # torch.save copies device tensors itself: no snapshot needed
             self._write(job, t0)
             if request is not None:
@@ -438,6 +526,10 @@ class Supervised:
 
     def resume_path(self) -> Path | None:
         """The checkpoint this attempt must load, or None for a fresh start."""
+        if self.step_run:
+            if self.load_path:
+                return self.load_path
+            return self.checkpoint_path(step=self.start_step) if self.start_step > 0 else None
         if self.load_epoch < 0:
             return None
         if self.load_path:

@@ -433,3 +433,117 @@ def test_skip_batches_resumes_an_epoch_without_loading_the_skipped_batches():
     assert len(loaded) == sum(len(b) for b in rest)  # the skipped batches were never loaded
     full.set_epoch(4)
     assert [b.tolist() for b in DataLoader(Data(), batch_sampler=full)] != whole  # another epoch, another order
+
+
+# -- step-based runs (run.toml `steps = N`) ------------------------------------------------------
+
+
+def _step_env(tmp: Path, **extra: str) -> dict[str, str]:
+    env = {client.ENV_UNIT: "steps", client.ENV_STEPS: "40", P.ENV_CHECKPOINT_DIR: str(tmp / "ckpt"),
+           P.ENV_EVENTS: str(tmp / "events.jsonl"), P.ENV_SEED: "29",
+           P.ENV_CHECKPOINT_REQUEST: str(tmp / "request.json")}  # fmt: skip
+    return {**env, **extra}
+
+
+def test_from_env_reads_a_step_run_fresh_and_resumed(tmp_path):
+    sup = Supervised.from_env(_step_env(tmp_path, **{P.ENV_START_STEP: "0", P.ENV_LOAD_PATH: ""}))
+    assert (sup.unit, sup.step_run, sup.steps, sup.epochs) == ("steps", True, 40, None)
+    assert (sup.start_step, sup.start_epoch, sup.seed) == (0, 0, 29)
+    assert sup.checkpoint_pattern == client.DEFAULT_STEP_RUN_PATTERN == "step-{step:08d}.pt"
+    assert sup.resume_path() is None and sup.load_checkpoint() is None  # fresh start
+    path = sup.save_checkpoint({"w": torch.arange(4)}, step=25, background=False)
+    assert path == tmp_path / "ckpt" / "step-00000025.pt"
+    resumed = Supervised.from_env(_step_env(tmp_path, **{P.ENV_START_STEP: "25", P.ENV_LOAD_PATH: str(path),
+                                                         P.ENV_LOAD_SHA256: sha256_file(path)}))  # fmt: skip
+    assert (resumed.start_step, resumed.start_epoch) == (25, 0)
+    assert resumed.resume_path() == path and torch.equal(resumed.load_checkpoint()["w"], torch.arange(4))
+    # Without SUPERVISOR_LOAD_PATH the checkpoint of START_STEP is the one to load.
+    assert Supervised.from_env(_step_env(tmp_path, **{P.ENV_START_STEP: "25"})).resume_path() == path
+    bad = Supervised.from_env(_step_env(tmp_path, **{P.ENV_START_STEP: "25", P.ENV_LOAD_SHA256: "0" * 64}))
+    with pytest.raises(client.ChecksumMismatch):
+        bad.load_checkpoint()
+
+
+def test_an_epoch_run_is_unchanged_and_the_default_unit():
+    sup = Supervised.from_env({P.ENV_EPOCHS: "5", P.ENV_LOAD_EPOCH: "1"})
+    assert (sup.unit, sup.step_run, sup.steps, sup.epochs, sup.start_epoch) == ("epochs", False, None, 5, 2)
+    assert sup.checkpoint_pattern == P.DEFAULT_CHECKPOINT_PATTERN
+    assert Supervised().unit == "epochs" and Supervised(unit="steps").checkpoint_pattern == "step-{step:08d}.pt"
+    with pytest.raises(ValueError, match="unit"):
+        Supervised(unit="iterations")
+
+
+def test_the_checkpoint_pattern_comes_from_the_environment_in_both_units(tmp_path):
+    step = Supervised.from_env(_step_env(tmp_path, **{client.ENV_CHECKPOINT_PATTERN: "sub/it-{step}.ckpt"}))
+    assert step.checkpoint_path(step=7) == tmp_path / "ckpt" / "sub" / "it-7.ckpt"
+    absolute = Supervised.from_env(_step_env(tmp_path, **{client.ENV_CHECKPOINT_PATTERN: "{checkpoint_dir}/s{step}"}))
+    assert absolute.checkpoint_path(step=3) == tmp_path / "ckpt" / "s3"
+    epoch = Supervised.from_env({P.ENV_CHECKPOINT_DIR: str(tmp_path), client.ENV_CHECKPOINT_PATTERN: "e{epoch}.pt"})
+    assert epoch.checkpoint_path(2) == tmp_path / "e2.pt"
+    assert epoch.checkpoint_path(2, step=5) == tmp_path / "epoch-0002-step-00000005.pt"  # mid-epoch: step_pattern
+    with pytest.raises(TypeError):
+        step.checkpoint_path()  # a step run names checkpoints by step
+    with pytest.raises(TypeError):
+        epoch.checkpoint_path(step=5)  # an epoch run needs the epoch
+
+
+def test_step_run_events_carry_the_global_step_and_no_epoch(tmp_path):
+    sup = Supervised.from_env(_step_env(tmp_path))
+    sup.step(step=1, loss=2.5)
+    sup.step(step=2, loss=2.25, epoch=0, lr=0.1)  # an epoch may be added: informational
+    sup.eval({"val_loss": 1.5}, step=2)
+    sup.checkpoint_done(step=2, sha256="ab")
+    with pytest.raises(NonFiniteLoss, match="step 3"):
+        sup.step(step=3, loss=math.inf)
+    with pytest.raises(TypeError):
+        sup.step(loss=1.0)
+    e = _events(tmp_path)
+    strip = [{k: v for k, v in x.items() if k != "t"} for x in e]
+    assert strip == [
+        {"event": "step", "step": 1, "loss": 2.5},
+        {"event": "step", "epoch": 0, "step": 2, "loss": 2.25, "lr": 0.1},
+        {"event": "eval", "step": 2, "metrics": {"val_loss": 1.5}},
+        {"event": "checkpoint", "step": 2, "path": str(tmp_path / "ckpt" / "step-00000002.pt"), "sha256": "ab"},
+        {"event": "step", "step": 3, "loss": math.inf},
+    ]
+    # The old epoch-run forms still write what they wrote.
+    old = _sup(tmp_path / "old")
+    old.step(1, 4, 0.5)
+    old.eval(1, {"AP50": 0.5})
+    old.checkpoint_done(1)
+    got = [{k: v for k, v in x.items() if k != "t"} for x in _events(tmp_path / "old")]
+    old_path = str(tmp_path / "old" / "ckpt" / "epoch-0001.pt")
+    assert got == [{"event": "step", "epoch": 1, "step": 4, "loss": 0.5},
+                   {"event": "eval", "epoch": 1, "metrics": {"AP50": 0.5}},
+                   {"event": "checkpoint", "epoch": 1, "path": old_path}]  # fmt: skip
+
+
+@pytest.mark.parametrize("background", [True, False])
+def test_a_step_run_serves_requests_with_step_checkpoints(tmp_path, background):
+    sup = Supervised.from_env(_step_env(tmp_path, **{P.ENV_START_STEP: "10"}))
+    req_path = tmp_path / "request.json"
+    state = {"w": torch.zeros(3)}
+    served = []
+    for step in range(11, 16):  # global steps 11.. after resuming from 10
+        state["w"].add_(1)
+        sup.step(step=step, loss=1.0 / step)
+        if step == 12:
+            _write_request(req_path, CheckpointRequest(1, "every_s").to_json())
+        if step == 14:
+            _write_request(req_path, CheckpointRequest(2, "preempted", stop=True).to_json())
+        req = sup.checkpoint_requested()
+        if req is not None:
+            sup.save_checkpoint(state, step=step, request=req, background=background)
+            served.append((step, req.id, req.stop))
+            if req.stop:
+                break
+    sup.wait()
+    assert served == [(12, 1, False), (14, 2, True)]
+    ev = _events(tmp_path, "checkpoint")
+    assert [(e["step"], e["request"], e["reason"]) for e in ev] == [(12, 1, "every_s"), (14, 2, "preempted")]
+    assert all("epoch" not in e for e in ev)
+    for e in ev:
+        path = Path(e["path"])
+        assert path.name == f"step-{e['step']:08d}.pt" and e["sha256"] == sha256_file(path)
+    last = torch.load(tmp_path / "ckpt" / "step-00000014.pt", weights_only=True)
+    assert torch.equal(last["w"], torch.full((3,), 4.0))

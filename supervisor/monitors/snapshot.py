@@ -202,6 +202,12 @@ class FileSnapshots:
         sig = signature(self.source)
         if sig is None or sig == self._baseline or sig in self._taken:
             return
+        if self.source.is_dir():
+            self._taken.add(sig)
+            log.error("%s is a folder, not a file: [checkpoints] file takes the one file a script overwrites (a "
+                      "script that saves folders needs protocol mode or an integration, docs/your-script.md)",
+                      self.source)  # fmt: skip
+            return
         mtime = sig[1] / 1e9
         if cutoff is not None and mtime >= cutoff:
             return  # written after the script's fault: does not count
