@@ -115,6 +115,7 @@ class Attempt:
         self._scanner: CheckpointScanner | None = None
         self._snapshots: FileSnapshots | None = None
         self._metric_res = [re.compile(r) for r in cfg.watch.metric_regex]
+        self._last_position: int | None = None  # zero-code: the epoch/step the output named last
         self._tail = EventTail(self.events_path)
         self._warned_no_loss = False
         self._next_scan = 0.0
@@ -142,7 +143,8 @@ class Attempt:
             self.fault = fault
             self.detail = detail
             self.detected_wall = time.time()
-            log.warning("attempt %d: %s during epoch %d: %s", self.spec.attempt, fault, self.epoch, detail)
+            log.warning("attempt %d: %s during %s %d: %s", self.spec.attempt, fault, self.rules.noun, self.epoch,
+                        detail)  # fmt: skip
 
     # -- launch -----------------------------------------------------------------------------
 
@@ -263,7 +265,6 @@ class Attempt:
         self.pump.attach(self.proc.stderr, "stderr")
         now = time.monotonic()
         self._last_activity = now
-        self._seen_activity = False
         self._next_mem = self._next_cg = now
         self._budget = memory_budget(self.cfg.watch.memory_limit)
         self._to("running", f"pid {self.proc.pid}")
@@ -387,6 +388,8 @@ class Attempt:
         else:
             m = re.search(w.epoch_regex, line)
             position = int(m.group("epoch")) if m else None
+        if position is not None:
+            self._last_position = position
         if position is not None and self._snapshots is not None:
             self._snapshots.note_key(position, time.time() if at is None else at)
         if position is not None and self.rules.in_range(position) and position > self.rules.epoch:
@@ -399,7 +402,10 @@ class Attempt:
         if w.nan_regex and re.search(w.nan_regex, line):
             self.set_fault(Fault.NAN, line.strip()[:300])
         elif m := re.search(w.loss_regex, line, re.IGNORECASE):
-            self.rules.mark_step(time.time())
+            if self.by_steps and self._last_position is not None:
+                self.rules.mark_position(self._last_position, time.time())
+            else:
+                self.rules.mark_step(time.time())
             value = P.to_number(m.group("loss"))
             if value is None or not math.isfinite(value):
                 self.set_fault(Fault.NAN, line.strip()[:300])
@@ -436,12 +442,13 @@ class Attempt:
 
     def _mark_activity(self, at: float) -> None:
         self._last_activity = max(self._last_activity, at)
-        self._seen_activity = True
 
     def _check_health(self, now: float) -> None:
         """Hang and memory guard (the trainer's own state; the watchdog guards the disk)."""
         w = self.cfg.watch
-        limit = w.heartbeat_timeout_s if self._seen_activity else (w.startup_timeout_s or w.heartbeat_timeout_s)
+        # Until the first step (or checkpoint) a trainer loads data, compiles, evaluates: startup_timeout_s.
+        started = self.rules.steps > 0 or bool(self.rules.marks)
+        limit = w.heartbeat_timeout_s if started else (w.startup_timeout_s or w.heartbeat_timeout_s)
         if now - self._last_activity > limit:
             self.set_fault(Fault.HANG, f"no event and no output for {now - self._last_activity:.0f}s")
         elif self._budget is not None and now >= self._next_mem:

@@ -216,6 +216,14 @@ class EventRules:
         self.last_step_t = t
         self.step_times.append(t)
 
+    def mark_position(self, position: int, t: float) -> None:
+        """A zero-code run of steps: the output named global step `position`; steps trained = those since the
+        attempt's start (a loss line is no step count there: scripts print every N steps)."""
+        self.steps = max(self.steps, position - (self.start_epoch - 1))
+        self.first_step_t = t if self.first_step_t is None else self.first_step_t
+        self.last_step_t = t
+        self.step_times.append(t)
+
     def last_checkpoint_t(self) -> float | None:
         """When this attempt last announced a checkpoint (unix time), or None."""
         return max((m.t for m in self.marks.values()), default=None)

@@ -234,7 +234,9 @@ class WatchConfig(_Strict):
     stop_grace_s: Grace = 30.0
     cuda_error_grace_s: Grace = 5.0
     tail_lines: Annotated[int, Field(ge=1)] = 200
-    loss_regex: str = r"\bloss\b\s*[=:]\s*(?P<loss>[-+]?(?:nan|inf(?:inity)?|\d+(?:\.\d*)?(?:[eE][-+]?\d+)?))"
+    # A training loss: `loss=0.5`, `loss: 0.5`, `loss 0.5` (not `val loss`, `eval_loss`, `test loss`: metrics).
+    loss_regex: str = (r"(?<!val )(?<!val_)(?<!eval )(?<!eval_)(?<!test )(?<!test_)\bloss\b\s*[=:]?\s*"
+                       r"(?P<loss>[-+]?(?:nan|inf(?:inity)?|\d+(?:\.\d*)?(?:[eE][-+]?\d+)?))")
     nan_regex: str | None = None
     epoch_regex: str = r"\bepoch\b\s*[=: ]\s*(?P<epoch>\d+)"
     # Zero-code runs counted in steps: the optimizer step a line speaks of (`step 250`, `iter 250:`, `step=250`).

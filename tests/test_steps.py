@@ -83,6 +83,7 @@ FILE_SCRIPT = textwrap.dedent('''
         if it % a.eval_interval == 0 and (it > state["iter"] or it == a.max_iters):
             print(f"step {it}: train loss {1 / (it + 1):.4f}, val loss {1 / (it + 2):.4f}", flush=True)
             state["iter"] = it
+            time.sleep(0.01)  # serializing a model takes at least this long (the file's mtime is coarse)
             with open(ckpt, "w") as f:  # in place, as torch.save(path) does
                 f.write(json.dumps(state))
         if it >= a.max_iters or it == a.stop_early_at:

@@ -129,10 +129,15 @@ class Script:
     def say(self, key: int) -> None:
         self.snaps.note_key(key, time.time())
 
-    def save(self, payload: bytes) -> None:
-        with open(self.file, "wb") as f:  # in place, like torch.save(path)
+    def save(self, payload: bytes, then: int | None = None) -> None:
+        """Write the file in place (like torch.save(path)) a moment after the last line (serializing takes
+        that long at least; the file's mtime comes from a coarse clock); `then`: a line right after it."""
+        time.sleep(0.015)
+        with open(self.file, "wb") as f:
             f.write(payload)
-        time.sleep(0.12)  # past LINE_SLACK_S: the next line comes after the save
+        if then is not None:
+            self.say(then)
+        time.sleep(0.12)  # past LINE_SLACK_S: the next line comes well after the save
 
 
 def ready(snaps: FileSnapshots, **kw) -> list:
@@ -166,12 +171,28 @@ def test_a_save_whose_line_is_read_late_takes_the_next_position_named(tmp_path):
     s.save(b"state after 10")
     (snap,) = ready(s.snaps)  # settled
     assert snap.key == 10
-    s.save(b"state after 15")  # no line between the saves: the one naming 15 is read only after it
-    s.say(15)
+    s.save(b"state after 15", then=15)  # no line between the saves: the one naming 15 is read just after it
     s.say(16)
     (snap,) = ready(s.snaps)
     assert snap.key == 15 and snap.path.read_bytes() == b"state after 15"
     s.snaps.close()
+
+
+def test_a_script_saving_again_the_step_it_resumed_from_makes_no_new_checkpoint(tmp_path):
+    s = Script(tmp_path, start=51, settle_s=0.05)  # resumed from step 50
+    s.say(50)  # nanoGPT evaluates again at the step it resumed from, and may save it again
+    s.save(b"state after 50, again")
+    s.say(51)
+    s.say(52)
+    time.sleep(0.3)
+    assert s.snaps.poll() == []
+    s.say(55)
+    s.save(b"state after 55", then=56)  # a fast loop: the next step's line within milliseconds
+    s.say(57)
+    (snap,) = ready(s.snaps)
+    assert snap.key == 55 and snap.path.read_bytes() == b"state after 55"
+    s.snaps.close()
+    assert sorted(p.name for p in s.ck.iterdir()) == ["55.pt"]
 
 
 def test_single_file_saves_after_a_fault_or_cut_short_do_not_count(tmp_path):

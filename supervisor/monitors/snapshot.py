@@ -32,9 +32,10 @@ from supervisor.durable import TMP_SUFFIX, fsync_dir
 log = logging.getLogger("supervisor")
 
 Signature = tuple[int, int, int]  # size, mtime_ns, inode
-# A file's mtime comes from the kernel's coarse clock (up to a few ms behind the time) and a line is stamped when
-# our pump reads it: a line counts as printed before a save if it was read up to this long after the save's mtime.
-LINE_SLACK_S = 0.05
+# A file's mtime comes from the kernel's coarse clock (up to a tick, 4-10 ms, behind the time) and a line is stamped
+# when our pump reads it: when no line before the save's mtime names a new position, one read up to this long after
+# it is taken as the save's own (read late). Short: a fast loop prints its next steps within tens of ms.
+LINE_SLACK_S = 0.02
 
 
 class Changed(OSError):
@@ -108,9 +109,9 @@ class FileSnapshots:
     named outside it, such as the script saving again the point it resumed from, is skipped). `by_epoch`: the
     run counts epochs (copies of an epoch count once the output moved past it).
 
-    The position of a save: the last one the output named before the save's mtime (LINE_SLACK_S). In a run of
-    steps every save is a new position, so when that one was named already (the line naming the new step was
-    read late), it is the first new position the output names after the save.
+    The position of a save: the last one the output named before the save's mtime; in a run of steps, when that
+    one is held already, the first new one named within LINE_SLACK_S after it (the save's own line, read late),
+    else it repeats the held position (a script that saves again the step it resumed from) and is skipped.
     """
 
     def __init__(self, source: Path, settle_s: float, dest: Callable[[int], Path], keys: range, by_epoch: bool):
@@ -174,16 +175,25 @@ class FileSnapshots:
         return ready
 
     def _key_for(self, mtime: float, ended: bool) -> int | None:
-        before = after = None
+        """The position of a save written at `mtime`; None while the output has not named it yet."""
+        before = near = after = None
         for at, k in self._history:
-            if at <= mtime + LINE_SLACK_S:
+            if at <= mtime:
                 before = k
-            elif after is None and (self.by_epoch or k > self._order):
+            elif at <= mtime + LINE_SLACK_S:
+                near = k if near is None else near
+            elif after is None:
                 after = k
-        if before is not None and (self.by_epoch or before > self._order):
+        if self.by_epoch:
+            return next((k for k in (before, near, after) if k is not None), self._order + 1 if ended else None)
+        if before is not None and before > self._order:
             return before
-        if after is not None:
-            return after
+        if near is not None and near > self._order:
+            return near  # the save's own line, read a little late
+        if before is not None:
+            return before  # the position held already (the point it resumed from, the last save): a repeat
+        if after is not None and after > self._order:
+            return after  # no line before the save at all: the first position named after it
         if ended or not self._history:
             return self._order + 1  # the output names no position: the order of saves
         return None
