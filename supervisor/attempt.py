@@ -75,16 +75,50 @@ class AttemptResult:
     detail: str = ""
     tail: list[str] = field(default_factory=list)
     detected_at: float | None = None  # unix time the watchdog named the fault
+    rank: int | None = None  # under torchrun: the rank the fault was seen in
 
 
-def build_argv(cfg: RunConfig, values: dict[str, str], resume: bool = False) -> list[str]:
+# torchrun prefixes every line of every rank with this (`--log-line-prefix-template`); RANK_PREFIX reads it back.
+RANK_TEMPLATE = "[rank${rank}]: "
+RANK_PREFIX = re.compile(r"^\[rank(\d+)\]: ?")
+# torchrun's summary of a failed group names the first failure after "Root Cause": "  rank      : 1 (local_rank: 1)".
+ROOT_CAUSE_RANK = re.compile(r"^\s*rank\s*:\s*(\d+)\s*\(local_rank")
+PYTHON = re.compile(r"(?:.*/)?python[0-9.]*")
+
+
+def build_argv(cfg: RunConfig, values: dict[str, str], resume: bool = False, log_dir: Path | None = None) -> list[str]:
     """The trainer command (plus `resume_args` or `fresh_args`) with placeholders filled; a leading `python`
-    runs under our interpreter."""
+    runs under our interpreter. With `launcher = "torchrun"`, wrapped in torch.distributed.run (torchrun_argv)."""
     t = cfg.trainer
     argv = [fill_placeholders(a, values) for a in [*t.command, *(t.resume_args if resume else t.fresh_args)]]
     if argv and re.fullmatch(r"python[0-9.]*", argv[0]):
         argv[0] = sys.executable
+    if t.launcher == "torchrun":
+        argv = torchrun_argv(cfg, argv, values.get("run_name", cfg.name), log_dir)
     return argv
+
+
+def torchrun_argv(cfg: RunConfig, argv: list[str], run_id: str, log_dir: Path | None) -> list[str]:
+    """`python -m torch.distributed.run` around the command: its restarts off (the supervisor restarts the whole
+    group), every rank's output on the console prefixed with its global rank and kept per rank in `log_dir`.
+    A Python command runs under the same interpreter (`python -m mod` as `--module mod`); any other under
+    `--no-python` with the supervisor's interpreter."""
+    t = cfg.trainer
+    python = sys.executable
+    if PYTHON.fullmatch(argv[0]):
+        python, rest = argv[0], argv[1:]
+        script = ["--module", *rest[1:]] if rest[:1] == ["-m"] else rest
+    else:
+        script = ["--no-python", *argv]
+    run = [python, "-m", "torch.distributed.run", f"--nproc-per-node={t.nproc_per_node}", f"--nnodes={t.nnodes}",
+           f"--node-rank={t.node_rank}", "--max-restarts=0", "--tee=3", f"--log-line-prefix-template={RANK_TEMPLATE}"]
+    if log_dir is not None:
+        run.append(f"--log-dir={log_dir}")
+    if t.nnodes == 1 and t.rdzv_endpoint is None:
+        run.append("--standalone")  # a free local port: runs on one box never collide
+    else:
+        run += [f"--rdzv-backend={t.rdzv_backend}", f"--rdzv-endpoint={t.rdzv_endpoint}", f"--rdzv-id={run_id}"]
+    return run + script
 
 
 class Attempt:
@@ -106,6 +140,16 @@ class Attempt:
         self.detail = ""
         self.detected_wall: float | None = None
         self.request_path = layout.attempt_request(spec.attempt)
+        self.ranks_dir = layout.attempt_ranks(spec.attempt)
+        self.distributed = cfg.trainer.launcher == "torchrun"
+        self.fault_rank: int | None = None  # the rank a fault was seen in (torchrun)
+        self._rank_tails: dict[int, EventTail] = {}  # ranks other than 0: their own events files
+        self._rank_seen: dict[int, float] = {}  # rank -> unix time of its last event
+        self._rank_step: dict[int, tuple[int, int]] = {}  # rank -> (epoch, step) of its last step event
+        self._root_cause: int | None = None  # the rank torchrun's failure summary names
+        self._in_root_cause = False
+        self._rank_last: dict[int, str] = {}  # rank -> its last line of output
+        self._next_rank_scan = 0.0
         self.rules = event_rules(cfg, run_dir, spec.start_epoch, spec.start_step)
         self.requests: dict[int, tuple[str, float]] = {}  # id -> (reason, unix time asked)
         self.served: dict[int, Announced] = {}  # request id -> the checkpoint that answered it
@@ -137,11 +181,13 @@ class Attempt:
         """Whether what the trainer reports still counts: not after a trainer-caused fault (a pause is none)."""
         return self.fault is None or self.fault.external
 
-    def set_fault(self, fault: Fault, detail: str) -> None:
-        """Name the fault that ends this attempt (the first one named wins)."""
+    def set_fault(self, fault: Fault, detail: str, rank: int | None = None) -> None:
+        """Name the fault that ends this attempt (the first one named wins); `rank`: the process it was seen in."""
         if self.fault is None:
             self.fault = fault
-            self.detail = detail
+            self.fault_rank = rank
+            self.detail = detail if rank is None else f"rank {rank}: {detail}"
+            detail = self.detail
             self.detected_wall = time.time()
             log.warning("attempt %d: %s during %s %d: %s", self.spec.attempt, fault, self.rules.noun, self.epoch,
                         detail)  # fmt: skip
@@ -248,7 +294,7 @@ class Attempt:
                 self._scanner = CheckpointScanner(pattern, c.settle_s, positions, "step" if self.by_steps else "epoch")
                 self._scanner.baseline()
         self.request_path.unlink(missing_ok=True)  # a request of an earlier run of this number is not for us
-        argv = build_argv(self.cfg, self.placeholders(), self.resuming)
+        argv = build_argv(self.cfg, self.placeholders(), self.resuming, self.ranks_dir)
         cwd = self.cfg.base_dir / (self.cfg.trainer.cwd or ".")
         self.pump = OutputPump(self.log_path, self.cfg.watch.tail_lines, echo=self.echo)
         self.oom = OomKillWatch()
@@ -356,9 +402,62 @@ class Attempt:
 
     # -- observing --------------------------------------------------------------------------
 
+    def _new_events(self) -> list[tuple[int, P.Event]]:
+        """(rank, event) read since the last poll: rank 0's from the attempt's events file; under torchrun also
+        every other rank's own file. In the order they were written when every event carries its `t` (the
+        client stamps each), else rank 0's first: a checkpoint of rank 0 and a NaN of rank 1 read in one poll
+        are then judged in their true order."""
+        events = [(0, ev) for ev in self._tail.poll()]
+        if not self.distributed:
+            return events
+        now = time.monotonic()
+        if now >= self._next_rank_scan:
+            self._next_rank_scan = now + 0.5
+            pattern = self.events_path.name.replace(".events.jsonl", ".rank-*.events.jsonl")
+            for path in self.events_path.parent.glob(pattern):
+                m = re.search(r"\.rank-(\d+)\.events\.jsonl$", path.name)
+                if m and int(m.group(1)) not in self._rank_tails:
+                    self._rank_tails[int(m.group(1))] = EventTail(path)
+        for rank, tail in self._rank_tails.items():
+            events += [(rank, ev) for ev in tail.poll()]
+        times = [P.to_number(ev.data.get("t")) for _, ev in events]
+        if all(t is not None and math.isfinite(t) for t in times):
+            events = [e for _, e in sorted(zip(times, events, strict=True), key=lambda te: te[0])]
+        return events
+
+    def _on_rank_event(self, rank: int, ev: P.Event) -> None:
+        """An event of a rank other than 0 (its step losses, heartbeats): a NaN there is named with its rank, and
+        each rank's last event is its sign of life (a silent rank is a hang of it). Nothing else of it counts."""
+        if ev.kind != P.EVENT_STEP or not self.accepting:
+            return
+        loss = ev.loss
+        if loss is not None and not math.isfinite(loss):
+            where = self.rules.position_of(ev)
+            self.set_fault(Fault.NAN, f"training loss {ev.data.get('loss')} at {self.rules.noun} {where}", rank)
+
+    def _note_rank(self, rank: int, ev: P.Event) -> None:
+        t = P.to_number(ev.data.get("t"))  # when it was written (the client stamps every event), else read
+        self._rank_seen[rank] = t if t is not None and math.isfinite(t) else time.time()
+        step = ev.data.get("step")
+        if ev.kind == P.EVENT_STEP and isinstance(step, int) and not isinstance(step, bool):
+            self._rank_step[rank] = (ev.epoch if ev.epoch is not None else -1, step)
+
+    def _behind(self) -> int | None:
+        """The one rank whose last step is behind every other rank's: in a group that stopped, the one the
+        others wait for in a collective (a stopped, stuck or slow process)."""
+        if len(self._rank_step) < 2:
+            return None
+        ordered = sorted(self._rank_step.items(), key=lambda kv: kv[1])
+        return ordered[0][0] if ordered[0][1] < ordered[1][1] else None
+
     def _on_events(self, out: Observed) -> None:
-        for ev in self._tail.poll():
+        for rank, ev in self._new_events():
             self._mark_activity(time.monotonic())
+            if self.distributed:
+                self._note_rank(rank, ev)
+            if rank != 0:
+                self._on_rank_event(rank, ev)
+                continue
             seen = self.rules.feed(ev, self.accepting, time.time())
             if seen.fault is not None:
                 self.set_fault(*seen.fault)
@@ -373,12 +472,24 @@ class Attempt:
                         self.spec.attempt)  # fmt: skip
 
     def _on_line(self, stream: str, line: str, out: Observed, at: float | None = None) -> None:
-        """One line of output; `at`: the unix time it was read (for naming the saves of a single file)."""
+        """One line of output; `at`: the unix time it was read (for naming the saves of a single file). Under
+        torchrun a line starts with its rank (`[rank1]: `): each rank's lines are read as its own stream."""
+        rank = None
+        if self.distributed:
+            if m := RANK_PREFIX.match(line):
+                rank, line = int(m.group(1)), line[m.end():]
+                stream = f"{stream}:{rank}"
+                if line.strip():
+                    self._rank_last[rank] = line.strip()
+            elif line.startswith("Root Cause"):
+                self._in_root_cause = True
+            elif self._in_root_cause and self._root_cause is None and (m := ROOT_CAUSE_RANK.match(line)):
+                self._root_cause = int(m.group(1))  # torchrun's summary: the first rank that failed
         previous, self._previous_line[stream] = self._previous_line.get(stream), line
         fault = classify_line(line, previous)
         if fault in (Fault.CUDA_ERROR, Fault.GPU_OOM, Fault.DISK_FULL) and self.fault is None:
             # Sticky CUDA errors poison the process: it may linger or hang. Give it a moment to exit.
-            self.set_fault(fault, line.strip()[:300])
+            self.set_fault(fault, line.strip()[:300], rank)
         if self.cfg.trainer.mode != "zero-code" or not self.accepting:
             return
         w = self.cfg.watch
@@ -400,7 +511,7 @@ class Attempt:
             return  # a pause: its grace period is for saving, not for new losses
         self._metrics(line, out)
         if w.nan_regex and re.search(w.nan_regex, line):
-            self.set_fault(Fault.NAN, line.strip()[:300])
+            self.set_fault(Fault.NAN, line.strip()[:300], rank)
         elif m := re.search(w.loss_regex, line, re.IGNORECASE):
             if self.by_steps and self._last_position is not None:
                 self.rules.mark_position(self._last_position, time.time())
@@ -408,7 +519,7 @@ class Attempt:
                 self.rules.mark_step(time.time())
             value = P.to_number(m.group("loss"))
             if value is None or not math.isfinite(value):
-                self.set_fault(Fault.NAN, line.strip()[:300])
+                self.set_fault(Fault.NAN, line.strip()[:300], rank)
 
     def _metrics(self, line: str, out: Observed) -> None:
         """`[watch] metric_regex`: named groups of a matching line are eval metrics of the current position."""
@@ -443,14 +554,38 @@ class Attempt:
     def _mark_activity(self, at: float) -> None:
         self._last_activity = max(self._last_activity, at)
 
+    def _stale_rank(self, limit: float) -> int | None:
+        """torchrun: a rank silent for longer than `limit` while another rank is not (each rank of a protocol
+        trainer reports its steps; ranks that never reported are not judged). The rank behind the others in
+        steps is named first: the times are those of reading, a poll apart at worst."""
+        if len(self._rank_seen) < 2:
+            return None
+        now = time.time()
+        rank = min(self._rank_seen, key=self._rank_seen.__getitem__)
+        if now - self._rank_seen[rank] <= limit or now - max(self._rank_seen.values()) > limit:
+            return None
+        behind = self._behind()
+        return rank if behind is None else behind
+
     def _check_health(self, now: float) -> None:
         """Hang and memory guard (the trainer's own state; the watchdog guards the disk)."""
         w = self.cfg.watch
         # Until the first step (or checkpoint) a trainer loads data, compiles, evaluates: startup_timeout_s.
         started = self.rules.steps > 0 or bool(self.rules.marks)
         limit = w.heartbeat_timeout_s if started else (w.startup_timeout_s or w.heartbeat_timeout_s)
+        stale = self._stale_rank(limit) if started else None
         if now - self._last_activity > limit:
-            self.set_fault(Fault.HANG, f"no event and no output for {now - self._last_activity:.0f}s")
+            behind = self._behind()
+            where = "" if behind is None else (
+                f" (it stopped at step {self._rank_step[behind][1]}; the other ranks went further and wait for it "
+                "in a collective)")  # fmt: skip
+            self.set_fault(Fault.HANG, f"no event and no output for {now - self._last_activity:.0f}s{where}",
+                           behind)  # fmt: skip
+        elif stale is not None:
+            others = ", ".join(f"{r}" for r in sorted(self._rank_seen) if r != stale)
+            silent = time.time() - self._rank_seen[stale]
+            self.set_fault(Fault.HANG, f"no event for {silent:.0f}s while ranks {others} went on "
+                           "(a stopped or stuck process; the others wait for it in a collective)", stale)  # fmt: skip
         elif self._budget is not None and now >= self._next_mem:
             self._next_mem = now + 0.5
             used = tree_memory(self.proc.pid)
@@ -500,10 +635,12 @@ class Attempt:
         if self.fault is None:
             fault = classify_exit(rc, tail, oom_killed)
             if fault is not None:
-                self.set_fault(fault, f"{describe_exit(rc)}; last output: {tail[-1] if tail else ''}"[:300])
+                last = next((x for x in reversed(tail) if x.strip() and "=====" not in x), "")
+                last = self._rank_last.get(self._root_cause, last) if self._root_cause is not None else last
+                self.set_fault(fault, f"{describe_exit(rc)}; last output: {last}"[:300], self._root_cause)
         self._to("ended", describe_exit(rc))
         result = AttemptResult(self.fault, describe_exit(rc), self.epoch, self.rules.steps, self.detail, tail[-20:],
-                               self.detected_wall)  # fmt: skip
+                               self.detected_wall, self.fault_rank)  # fmt: skip
         return result, out
 
 

@@ -154,6 +154,31 @@ class TrainerConfig(_Strict):
     resume_args: list[str] = Field(default_factory=list)
     fresh_env: dict[str, str] = Field(default_factory=dict)
     resume_env: dict[str, str] = Field(default_factory=dict)
+    # Several processes (docs/distributed.md): "torchrun" runs the command under torch.distributed.run, its
+    # own restarts off; the supervisor decides every restart of the whole group.
+    launcher: Literal["none", "torchrun"] = "none"
+    nproc_per_node: Annotated[int, Field(ge=1, le=1024)] | Literal["gpu", "cpu", "auto"] = 1
+    nnodes: Annotated[int, Field(ge=1, le=4096)] = 1
+    node_rank: Annotated[int, Field(ge=0)] = 0
+    rdzv_endpoint: str | None = None
+    rdzv_backend: str = "c10d"
+
+    @model_validator(mode="after")
+    def _launcher(self) -> TrainerConfig:
+        torchrun_keys = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_backend")
+        if self.launcher != "torchrun":
+            if given := [k for k in torchrun_keys if k in self.model_fields_set]:
+                raise ValueError(f"trainer.{given[0]}: only with trainer.launcher = \"torchrun\"; add it or remove "
+                                 f"{', '.join(given)}")  # fmt: skip
+            return self
+        if self.node_rank >= self.nnodes:
+            raise ValueError(f"trainer.node_rank: {self.node_rank} is not below nnodes = {self.nnodes} (ranks count "
+                             "from 0)")  # fmt: skip
+        if self.nnodes > 1:
+            raise ValueError("trainer.nnodes: several nodes need the supervisors of all nodes to agree on every "
+                             "attempt through the store, which is not built yet (docs/distributed.md); run one node "
+                             "(nnodes = 1) for now")  # fmt: skip
+        return self
 
     @field_validator("command", mode="before")
     @classmethod

@@ -67,6 +67,10 @@ class RunLayout:
     def attempt_events(self, attempt: int) -> Path:
         return self.attempts / f"attempt-{attempt:04d}.events.jsonl"
 
+    def attempt_ranks(self, attempt: int) -> Path:
+        """torchrun's per-rank logs of an attempt (`--log-dir`): <run id>/attempt_0/<local rank>/stdout.log."""
+        return self.attempts / f"attempt-{attempt:04d}.ranks"
+
     def attempt_request(self, attempt: int) -> Path:
         return self.attempts / f"attempt-{attempt:04d}.request.json"
 

@@ -188,6 +188,7 @@ class AttemptView:
     lost_steps: int | None = None  # trained after the point the next attempt resumed from
     lost_s: float | None = None
     detail: str = ""  # how it ended, in words (the fault's evidence)
+    rank: int | None = None  # under torchrun: the rank the fault was seen in
 
     @property
     def start_step(self) -> int:
@@ -237,13 +238,16 @@ class RunView:
         """The table the user used to keep by hand: epoch | load_epoch | seed | reason; in a run of steps
         step | load_step | seed | reason (load_step -1: a fresh start)."""
         if self.unit == "steps":
-            return [{"step": max(1, a.start_epoch), "load_step": a.load_epoch, "seed": a.seed, "reason": a.reason}
+            rows = [{"step": max(1, a.start_epoch), "load_step": a.load_epoch, "seed": a.seed, "reason": a.reason}
                     for a in self.attempts]  # fmt: skip
-        return [
-            {"epoch": a.start_epoch, "load_epoch": a.load_epoch, "load_step": a.load_step, "seed": a.seed,
-             "reason": a.reason}
-            for a in self.attempts
-        ]  # fmt: skip
+        else:
+            rows = [{"epoch": a.start_epoch, "load_epoch": a.load_epoch, "load_step": a.load_step, "seed": a.seed,
+                     "reason": a.reason} for a in self.attempts]  # fmt: skip
+        if any(a.rank is not None for a in self.attempts):  # several processes: the rank that caused the restart
+            for row, before in zip(rows[1:], self.attempts, strict=False):
+                row["rank"] = before.rank if before.fault == row["reason"] else None
+            rows[0]["rank"] = None
+        return rows
 
     def best(self, metric: str, mode: str = "max") -> tuple[float, int] | None:
         """(value, epoch) of the best finite `metric` among evaluated epochs."""
@@ -302,6 +306,7 @@ def _apply(view: RunView, by_id: dict[int, AttemptView], f: dict[str, Any]) -> N
             tail=[str(x) for x in tail] if isinstance(tail, list) else [],
             ended_at=float(f.get("ts", 0.0)),
             detail=str(f.get("detail") or ""),
+            rank=None if f.get("rank") is None else _int(f["rank"]),
         )
         a.ended = True
         for key, value in ended.items():

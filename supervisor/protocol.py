@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 # Environment of every attempt (fixed surface).
@@ -64,6 +66,25 @@ _NONFINITE_STRINGS = {
     "-inf": -math.inf,
     "-infinity": -math.inf,
 }
+
+
+# Several processes under torchrun (`[trainer] launcher = "torchrun"`): torchrun gives each its global RANK and
+# WORLD_SIZE. Rank 0 writes the attempt's events file; every other rank writes its own (rank_events_path) with
+# its step events (loss: NaN per rank) and heartbeats, so a failing or silent rank is named. Only rank 0's
+# checkpoints count.
+ENV_RANK = "RANK"
+ENV_WORLD_SIZE = "WORLD_SIZE"
+
+
+def rank_events_path(events: str | os.PathLike[str], rank: int) -> Path:
+    """The events file of global `rank`: the attempt's own for rank 0, `<name>.rank-R.events.jsonl` beside it
+    for the others (`attempt-0003.events.jsonl` -> `attempt-0003.rank-1.events.jsonl`)."""
+    path = Path(events)
+    if rank == 0:
+        return path
+    name = path.name
+    stem = name[: -len(".events.jsonl")] if name.endswith(".events.jsonl") else path.stem
+    return path.with_name(f"{stem}.rank-{rank}.events.jsonl")
 
 
 def checkpoint_name(epoch: int, pattern: str = DEFAULT_CHECKPOINT_PATTERN, step: int | None = None,

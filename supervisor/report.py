@@ -42,7 +42,7 @@ def build(run_dir: Path, name: str, running: bool, best_metric: str | None = Non
                 "reason": a.reason, "ended_by": a.fault, "exit": a.exit, "failed_step": a.failed_epoch,
                 "steps": a.steps, "batch_divisor": a.batch_divisor, "host": a.host,
                 "duration_s": round(a.ended_at - a.started_at, 1) if a.ended_at else None,
-                "lost_steps": a.lost_steps, "lost_s": a.lost_s, "detail": a.detail,
+                "lost_steps": a.lost_steps, "lost_s": a.lost_s, "detail": a.detail, "rank": a.rank,
             })  # fmt: skip
             continue
         attempts.append({
@@ -50,7 +50,7 @@ def build(run_dir: Path, name: str, running: bool, best_metric: str | None = Non
             "reason": a.reason, "ended_by": a.fault, "exit": a.exit, "failed_epoch": a.failed_epoch,
             "load_step": a.load_step, "steps": a.steps, "batch_divisor": a.batch_divisor, "host": a.host,
             "duration_s": round(a.ended_at - a.started_at, 1) if a.ended_at else None,
-            "lost_steps": a.lost_steps, "lost_s": a.lost_s, "detail": a.detail,
+            "lost_steps": a.lost_steps, "lost_s": a.lost_s, "detail": a.detail, "rank": a.rank,
         })  # fmt: skip
     lost: dict[str, dict[str, Any]] = {}
     for a in view.attempts:
@@ -101,13 +101,16 @@ def to_markdown(rep: dict) -> str:
     for reason, w in rep.get("work_lost", {}).items():
         out.append(f"* work lost to '{reason}': {w['steps']} steps, {w['seconds']:.1f}s of training over "
                    f"{w['attempts']} attempt(s)")
-    out += ["", f"| {noun} | load_{noun} | seed | reason |", "| :---: | :---: | :---: | :---: |"]
+    ranks = any("rank" in r for r in rep["restarts"])  # several processes: which rank caused each restart
+    out += ["", f"| {noun} | load_{noun} | seed | reason |" + (" rank |" if ranks else ""),
+            "| :---: | :---: | :---: | :---: |" + (" :---: |" if ranks else "")]  # fmt: skip
     for r in rep["restarts"]:
+        rank = (" - |" if r.get("rank") is None else f" {r['rank']} |") if ranks else ""
         if noun == "step":
-            out.append(f"| {r['step']} | {r['load_step']} | {r['seed']} | {r['reason']} |")
+            out.append(f"| {r['step']} | {r['load_step']} | {r['seed']} | {r['reason']} |{rank}")
             continue
         load = r["load_epoch"] if r.get("load_step") is None else f"{r['load_epoch']} @ step {r['load_step']}"
-        out.append(f"| {r['epoch']} | {load} | {r['seed']} | {r['reason']} |")
+        out.append(f"| {r['epoch']} | {load} | {r['seed']} | {r['reason']} |{rank}")
     return "\n".join(out) + "\n"
 
 

@@ -522,7 +522,8 @@ class Watchdog:
             fault, detail = Fault.INCOMPLETE, self._incomplete(result, view)
         self.ledger.append(L.ATTEMPT_ENDED, attempt=number, fault=fault.value if fault else None, exit=result.exit,
                            failed_epoch=result.failed_epoch, steps=result.steps, progressed=self._attempt_progressed,
-                           detail=detail, tail=result.tail, detected_at=result.detected_at)  # fmt: skip
+                           detail=detail, tail=result.tail, detected_at=result.detected_at,
+                           **({} if result.rank is None else {"rank": result.rank}))  # fmt: skip
         self._attempt = None
         if fault is not None:
             log.info("attempt %d ended: %s (%s)", number, fault.value, result.exit)
