@@ -57,14 +57,17 @@ def test_checkpoint_saved_in_the_pause_grace_period_counts(tmp_path):
     out = cli("stop", str(toml), "--wait", "60")
     assert out.returncode == 0, out.stderr
     assert proc.wait(timeout=30) == 75
-    assert any(e.get("event") == "checkpoint" and e["epoch"] == 2 for e in events(run_dir, 0))
-    assert 2 in [f["epoch"] for f in facts(run_dir, "checkpoint")], "the checkpoint saved for the stop was dropped"
+    # The last checkpoint event is the one saved on SIGTERM, of the epoch in progress (2, or later when the stop
+    # took long on a busy machine).
+    saved = [e["epoch"] for e in events(run_dir, 0) if e.get("event") == "checkpoint"][-1]
+    assert saved >= 2
+    assert saved in [f["epoch"] for f in facts(run_dir, "checkpoint")], "the checkpoint saved for the stop was dropped"
     assert_verified_files_match(run_dir)
-    toml.write_text(toml.read_text().replace("epochs = 30", "epochs = 4"))
+    toml.write_text(toml.read_text().replace("epochs = 30", f"epochs = {saved + 2}"))
     out = cli("start", str(toml))
     assert out.returncode == 0, out.stderr
     row = report(toml)["restarts"][1]
-    assert (row["reason"], row["load_epoch"]) == ("stopped", 2)
+    assert (row["reason"], row["load_epoch"]) == ("stopped", saved)
 
 
 def test_checkpoint_events_are_not_taken_on_trust(tmp_path):
