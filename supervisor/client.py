@@ -5,6 +5,11 @@ stop at the first non-finite loss, and capture/restore every random state for an
 Torch is imported lazily, only by the functions that save or load tensors, so the watchdog that
 imports this package for the protocol never pulls torch in. The API and the recipe for exact
 mid-epoch resume in any script are in docs/client.md.
+
+Under torchrun every process builds its own `Supervised`: rank 0 writes the attempt's events and its
+checkpoints; another rank R writes only its `step` events and heartbeats, to its own file
+(`protocol.rank_events_path`), and saves nothing. `checkpoint_requested()` is then a collective: rank 0's
+decision (and any rank's SIGTERM) reaches every rank at the same step.
 """
 
 from __future__ import annotations
@@ -51,6 +56,12 @@ __all__ = [
 # ids, and not announced as `request` (the announcement carries `"reason": "sigterm"` instead).
 SIGTERM_REQUEST_ID = -1
 
+# Under torchrun: a request is sent from rank 0 to the other ranks as int64 words, the reason as UTF-8 bytes
+# packed 7 to a word (non-negative, so a MAX all-reduce keeps rank 0's). Longer reasons reach them truncated.
+REASON_SYNC_BYTES = 126
+_REASON_WORDS = REASON_SYNC_BYTES // 7
+_INT64_MIN = -(2**63)
+
 # Step-based runs (run.toml `steps = N`): the environment names and the default checkpoint name.
 ENV_UNIT = P.ENV_UNIT
 ENV_STEPS = P.ENV_STEPS
@@ -73,6 +84,25 @@ def _env_int(env: dict[str, str], name: str, default: int) -> int:
     if raw is None or raw == "":
         return default
     return int(raw)
+
+
+def _dist_group() -> Any:
+    """torch.distributed when a process group of more than one process is initialized, else None. Never imports
+    torch: a process that did not import torch.distributed has no group."""
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized():
+        return None
+    return dist if dist.get_world_size() > 1 else None
+
+
+def _pack_reason(reason: str) -> list[int]:
+    data = reason.encode("utf-8")[:REASON_SYNC_BYTES].ljust(REASON_SYNC_BYTES, b"\0")
+    return [int.from_bytes(data[i : i + 7], "big") for i in range(0, REASON_SYNC_BYTES, 7)]
+
+
+def _unpack_reason(words: list[int]) -> str:
+    data = b"".join(int(w).to_bytes(7, "big") for w in words)
+    return data.rstrip(b"\0").decode("utf-8", errors="ignore")
 
 
 def _now() -> float:
@@ -171,6 +201,10 @@ class Supervised:
     # `steps` is N, `start_step` the global steps already done, and checkpoints are named by step alone).
     unit: str = UNIT_EPOCHS
     steps: int | None = None
+    # Under torchrun (RANK, WORLD_SIZE): this process's global rank and the number of processes. Rank 0 writes
+    # the attempt's events and checkpoints; the others their own step events and heartbeats only.
+    rank: int = 0
+    world_size: int = 1
 
     # Runtime state (not part of the attempt's description; `dataclasses.replace` starts it afresh).
     _emit_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
@@ -193,6 +227,18 @@ class Supervised:
     @property
     def supervised(self) -> bool:
         return self.events_path is not None
+
+    @property
+    def is_main(self) -> bool:
+        """True on rank 0 (and in a single process): the process that writes events and checkpoints."""
+        return self.rank == 0
+
+    @property
+    def rank_events_path(self) -> Path | None:
+        """The file this process appends to: `events_path` on rank 0, `<name>.rank-R.events.jsonl` on rank R."""
+        if self.events_path is None:
+            return None
+        return P.rank_events_path(self.events_path, self.rank)
 
     @property
     def step_run(self) -> bool:
@@ -238,6 +284,8 @@ class Supervised:
             request_path=Path(request) if request else None,
             unit=unit,
             steps=int(steps) if steps else None,
+            rank=max(0, _env_int(env, P.ENV_RANK, 0)),
+            world_size=max(1, _env_int(env, P.ENV_WORLD_SIZE, 1)),
         )
 
     # -- events -----------------------------------------------------------------------------
@@ -247,17 +295,22 @@ class Supervised:
 
         Every event carries `t`, the unix time in ms (a caller's own `t` wins). Safe to call from the
         background save thread and the training thread at once: lines never interleave.
+        On a rank other than 0 the line goes to that rank's own file (`rank_events_path`), and only `step`
+        and `heartbeat` events are written: eval and checkpoint events of another rank are dropped.
         """
-        if self.events_path is None:
+        path = self.rank_events_path
+        if path is None:
+            return
+        if self.rank != 0 and kind not in (P.EVENT_STEP, P.EVENT_HEARTBEAT):
             return
         fields.setdefault("t", _now())
         line = P.format_event(kind, **fields)
         with self._emit_lock:
             try:
-                f = open(self.events_path, "a", encoding="utf-8")  # noqa: SIM115
+                f = open(path, "a", encoding="utf-8")  # noqa: SIM115
             except FileNotFoundError:  # a script run by hand with SUPERVISOR_EVENTS set: make its folder
-                self.events_path.parent.mkdir(parents=True, exist_ok=True)
-                f = open(self.events_path, "a", encoding="utf-8")  # noqa: SIM115
+                path.parent.mkdir(parents=True, exist_ok=True)
+                f = open(path, "a", encoding="utf-8")  # noqa: SIM115
             with f:
                 f.write(line)
                 f.flush()
@@ -358,7 +411,7 @@ class Supervised:
             self._declared = True
             self.heartbeat(**{P.HANDLES: [P.CAPABILITY_CHECKPOINT_REQUEST]})
 
-    def checkpoint_requested(self) -> CheckpointRequest | None:
+    def checkpoint_requested(self, sync: bool | None = None) -> CheckpointRequest | None:
         """The checkpoint request to serve now, or None. Call it at every optimizer step.
 
         Cheap: one os.stat of the request file when nothing changed; the file is read and parsed only
@@ -367,13 +420,49 @@ class Supervised:
         malformed file is no request. A SIGTERM caught by `install_sigterm_handler` is a stop request
         (id SIGTERM_REQUEST_ID, reason "sigterm"); with a watchdog request pending too, that request is
         returned with stop=True, so one checkpoint serves both.
+
+        Several processes (`sync` None: when torch.distributed is initialized with more than one process;
+        True: required; False: never): a collective, so every rank must call it at the same points. Rank 0
+        alone reads the file; one all-reduce (MAX) of a few int64 words carries its request and every
+        rank's SIGTERM flag, so all ranks get the same answer at the same step (a SIGTERM on any rank stops
+        them all). The reason reaches the other ranks cut to REASON_SYNC_BYTES bytes of UTF-8.
         """
-        pending = self._poll_request_file()
-        if self._sigterm:
+        dist = _dist_group() if sync is not False else None
+        if sync and dist is None:
+            raise RuntimeError("checkpoint_requested(sync=True) needs an initialized process group of 2+ processes")
+        if dist is not None:
+            return self._synced_request(dist)
+        return self._merge_sigterm(self._poll_request_file(), self._sigterm)
+
+    @staticmethod
+    def _merge_sigterm(pending: CheckpointRequest | None, sigterm: bool) -> CheckpointRequest | None:
+        if sigterm:
             if pending is not None:
                 return dataclasses.replace(pending, stop=True)
             return CheckpointRequest(SIGTERM_REQUEST_ID, "sigterm", stop=True)
         return pending
+
+    def _synced_request(self, dist: Any) -> CheckpointRequest | None:
+        """One all-reduce (MAX) of [sigterm, has request, id, stop, reason words...]: rank 0 fills the request
+        words, the others the lowest values, and every rank its SIGTERM flag."""
+        import torch
+
+        main = dist.get_rank() == 0
+        pending = self._poll_request_file() if main else None
+        words = [int(self._sigterm), 0, _INT64_MIN, 0] + [0] * _REASON_WORDS
+        if pending is not None:
+            words[1:] = [1, pending.id, int(pending.stop), *_pack_reason(pending.reason)]
+        device = "cpu"
+        if dist.get_backend() == "nccl":  # NCCL moves CUDA tensors only: the device this process drives
+            device = torch.device("cuda", torch.cuda.current_device())
+        t = torch.tensor(words, dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        out = t.tolist()
+        if out[1]:  # rank 0 keeps its own request (its whole reason goes into the announcement)
+            request = pending if main else CheckpointRequest(out[2], _unpack_reason(out[4:]), bool(out[3]))
+        else:
+            request = None
+        return self._merge_sigterm(request, bool(out[0]))
 
     def _poll_request_file(self) -> CheckpointRequest | None:
         if self.request_path is None:
@@ -444,9 +533,16 @@ class Supervised:
         this call first waits for the previous one and raises its error, if any. `wait()` (or leaving
         the `with Supervised...` block) waits for the last one. background=False does it all here.
         `request` marks that request served (its id goes into the announcement).
+
+        On a rank other than 0 nothing is saved or announced (rank 0 saves; the other ranks need not
+        branch): it returns the path rank 0 writes, and marks `request` served on this rank too.
         """
         t0 = time.perf_counter()
         path = self.checkpoint_path(epoch, step)  # a missing epoch/step is a TypeError before anything happens
+        if not self.is_main:
+            if request is not None:
+                self._mark_served(request)
+            return path
         self.wait()
         job = _Save(state, path, epoch, step, request, announce)
         if not background:  # torch.save copies device tensors itself: no snapshot needed

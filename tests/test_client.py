@@ -547,3 +547,149 @@ def test_a_step_run_serves_requests_with_step_checkpoints(tmp_path, background):
         assert path.name == f"step-{e['step']:08d}.pt" and e["sha256"] == sha256_file(path)
     last = torch.load(tmp_path / "ckpt" / "step-00000014.pt", weights_only=True)
     assert torch.equal(last["w"], torch.full((3,), 4.0))
+
+
+# -- several processes (torchrun) ---------------------------------------------------------------
+
+
+def _rank_events(tmp: Path, rank: int, kind: str | None = None) -> list[dict]:
+    path = P.rank_events_path(tmp / "attempt-0001.events.jsonl", rank)
+    if not path.exists():
+        return []
+    out = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [e for e in out if kind is None or e["event"] == kind]
+
+
+def test_from_env_reads_rank_and_world_size():
+    sup = Supervised.from_env({P.ENV_RANK: "3", P.ENV_WORLD_SIZE: "4"})
+    assert (sup.rank, sup.world_size, sup.is_main) == (3, 4, False)
+    sup = Supervised.from_env({})
+    assert (sup.rank, sup.world_size, sup.is_main) == (0, 1, True)
+
+
+def test_another_rank_writes_its_steps_and_heartbeats_to_its_own_file_and_saves_nothing(tmp_path):
+    events = tmp_path / "attempt-0001.events.jsonl"
+    req_path = tmp_path / "request.json"
+    main = Supervised(checkpoint_dir=tmp_path / "ckpt", events_path=events, rank=0, world_size=2)
+    other = Supervised(checkpoint_dir=tmp_path / "ckpt", events_path=events, rank=1, world_size=2,
+                       request_path=req_path)  # fmt: skip
+    assert other.rank_events_path == tmp_path / "attempt-0001.rank-1.events.jsonl"
+    assert main.rank_events_path == events
+    other.handles_requests()
+    other.step(0, 0, 1.5, lr=0.1)
+    other.heartbeat(phase="eval")
+    other.eval(0, {"AP50": 0.5})  # dropped: rank 0 evaluates
+    other.checkpoint_done(0, path=tmp_path / "x.pt")  # dropped: only rank 0's checkpoints count
+    main.step(0, 0, 1.25)
+    assert [e["event"] for e in _rank_events(tmp_path, 1)] == ["heartbeat", "step", "heartbeat"]
+    assert _rank_events(tmp_path, 1, "step")[0]["loss"] == 1.5
+    assert [(e["event"], e.get("loss")) for e in _rank_events(tmp_path, 0)] == [("step", 1.25)]
+
+    # save_checkpoint on another rank: nothing written or announced, the path returned, the request served.
+    _write_request(req_path, CheckpointRequest(4, "preempted").to_json())
+    req = other.checkpoint_requested(sync=False)  # no process group: this rank reads the file itself
+    assert req == CheckpointRequest(4, "preempted")
+    path = other.save_checkpoint({"w": torch.ones(2)}, 0, step=3, request=req)
+    assert path == tmp_path / "ckpt" / "epoch-0000-step-00000003.pt" and not path.exists()
+    other.wait()
+    assert other.checkpoint_requested(sync=False) is None
+    assert not (tmp_path / "ckpt").exists()
+    assert _rank_events(tmp_path, 1, "checkpoint") == [] and _rank_events(tmp_path, 0, "checkpoint") == []
+    with pytest.raises(NonFiniteLoss):
+        other.step(0, 1, float("nan"))  # a NaN is reported in the rank's own file, then raised
+    assert math.isnan(_rank_events(tmp_path, 1, "step")[-1]["loss"])
+
+
+def test_requests_are_not_synchronized_without_a_process_group(tmp_path):
+    sup = _sup(tmp_path, request_path=tmp_path / "request.json")
+    with pytest.raises(RuntimeError, match="process group"):
+        sup.checkpoint_requested(sync=True)
+    assert sup.checkpoint_requested() is None  # auto: one process, the file alone
+
+
+def test_a_reason_survives_the_int64_packing():
+    for reason in ("", "preempted", "time limit", "ünïcødé", "x" * client.REASON_SYNC_BYTES):
+        words = client._pack_reason(reason)
+        assert all(0 <= w < 2**63 for w in words)
+        assert client._unpack_reason(words) == reason
+    assert client._unpack_reason(client._pack_reason("y" * 300)) == "y" * client.REASON_SYNC_BYTES
+
+
+RANKS_SCRIPT = r"""
+import json, os, sys, time
+import torch.distributed as dist
+from supervisor.client import Supervised
+rank = int(os.environ["RANK"])
+dist.init_process_group("gloo", init_method="tcp://127.0.0.1:" + os.environ["TEST_PORT"], rank=rank, world_size=2)
+sup = Supervised.from_env()
+sup.install_sigterm_handler()
+pause = 0.002 if rank == 0 else 0.03  # the ranks step at different speeds
+step = 0
+while step < 20000:
+    time.sleep(pause)
+    sup.step(0, step, loss=float(rank + step))
+    req = sup.checkpoint_requested()
+    step += 1
+    if req is not None:
+        sup.save_checkpoint({"step": step, "rank": rank}, 0, step=step, request=req)
+        print(json.dumps({"rank": rank, "step": step, "id": req.id, "reason": req.reason, "stop": req.stop}),
+              flush=True)
+        if req.stop:
+            sup.wait()
+            break
+dist.destroy_process_group()
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_serve_a_request_and_a_sigterm_of_one_rank_at_the_same_step(tmp_path):
+    """Two real processes (gloo): rank 0 reads the request file and its decision reaches rank 1 in the step's
+    one collective, though rank 1 runs ten times slower; a SIGTERM sent to rank 1 alone stops both at the same
+    step. Only rank 0 saves and announces."""
+    events, req_path, port = tmp_path / "attempt-0001.events.jsonl", tmp_path / "request.json", str(_free_port())
+    procs = []
+    for rank in (0, 1):
+        env = {**os.environ, P.ENV_EVENTS: str(events), P.ENV_CHECKPOINT_DIR: str(tmp_path / "ckpt"),
+               P.ENV_CHECKPOINT_REQUEST: str(req_path), P.ENV_RANK: str(rank), P.ENV_WORLD_SIZE: "2",
+               "TEST_PORT": port, "OMP_NUM_THREADS": "1"}  # fmt: skip
+        procs.append(subprocess.Popen([sys.executable, "-c", RANKS_SCRIPT], cwd=ROOT, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+
+        def wait_for(pred, what):
+            while not pred():
+                assert time.monotonic() < deadline and all(p.poll() is None for p in procs), what
+                time.sleep(0.02)
+
+        wait_for(lambda: len(_rank_events(tmp_path, 1, "step")) >= 3, "rank 1 stepping")
+        _write_request(req_path, CheckpointRequest(1, "every_s").to_json())
+        wait_for(lambda: _rank_events(tmp_path, 0, "checkpoint"), "the request served")
+        procs[1].send_signal(signal.SIGTERM)
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], [err for _, err in outs]
+    served = [[json.loads(line) for line in out.splitlines()] for out, _ in outs]
+    for s in served:
+        for line in s:
+            line.pop("rank")
+    assert served[0] == served[1]  # the same requests, at the same steps, on both ranks
+    (first, last) = served[0]
+    assert (first["id"], first["reason"], first["stop"]) == (1, "every_s", False)
+    assert (last["id"], last["reason"], last["stop"]) == (client.SIGTERM_REQUEST_ID, "sigterm", True)
+    ckpts = _rank_events(tmp_path, 0, "checkpoint")
+    assert [(c["step"], c.get("request"), c["reason"]) for c in ckpts] == [
+        (first["step"], 1, "every_s"), (last["step"], None, "sigterm")]  # fmt: skip
+    assert torch.load(ckpts[-1]["path"], weights_only=True) == {"step": last["step"], "rank": 0}
+    assert _rank_events(tmp_path, 1, "checkpoint") == []  # rank 1 saved and announced nothing
+    steps = [[e["step"] for e in _rank_events(tmp_path, r, "step")] for r in (0, 1)]
+    assert steps[0] == steps[1] == list(range(last["step"]))  # nothing stepped past the stop on either rank

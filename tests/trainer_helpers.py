@@ -53,16 +53,25 @@ def tiny_params(data_root: Path | str, **overrides: Any) -> dict[str, Any]:
 
 
 def run_trainer(
-    tmp: Path, params: dict[str, Any], env: dict[str, str] | None = None, timeout: float = 180
-) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]]:
-    """`python -m trainer` under a protocol environment in `tmp`; returns the process and its events."""
+    tmp: Path, params: dict[str, Any], env: dict[str, str] | None = None, timeout: float = 180,
+    script: list[str] | None = None,
+) -> tuple[subprocess.CompletedProcess[str], list[dict[str, Any]]]:  # fmt: skip
+    """`python -m trainer` (or `python SCRIPT ARGS`) under a protocol environment in `tmp`; returns the process
+    and its events."""
+    full = trainer_env(tmp, params, env)
+    cmd = [sys.executable, *(script or ["-m", "trainer"])]
+    proc = subprocess.run(cmd, cwd=ROOT, env=full, capture_output=True, text=True, timeout=timeout)
+    return proc, read_events(Path(full["SUPERVISOR_EVENTS"]))
+
+
+def trainer_env(tmp: Path, params: dict[str, Any], env: dict[str, str] | None = None) -> dict[str, str]:
+    """The protocol environment `run_trainer` gives an attempt in `tmp` (params written to tmp/params.json)."""
     tmp.mkdir(parents=True, exist_ok=True)
     (tmp / "params.json").write_text(json.dumps(params))
-    events = tmp / "events.jsonl"
-    full = {
+    return {
         **os.environ,
         "SUPERVISOR_PARAMS": str(tmp / "params.json"),
-        "SUPERVISOR_EVENTS": str(events),
+        "SUPERVISOR_EVENTS": str(tmp / "events.jsonl"),
         "SUPERVISOR_CHECKPOINT_DIR": str(tmp / "ckpt"),
         "SUPERVISOR_RUN_DIR": str(tmp),
         "SUPERVISOR_SEED": "5",
@@ -70,10 +79,24 @@ def run_trainer(
         "SUPERVISOR_ATTEMPT": "0",
         **(env or {}),
     }
-    proc = subprocess.run(
-        [sys.executable, "-m", "trainer"], cwd=ROOT, env=full, capture_output=True, text=True, timeout=timeout
-    )
-    return proc, read_events(events)
+
+
+def run_torchrun(
+    tmp: Path, params: dict[str, Any], env: dict[str, str] | None = None, nproc: int = 2,
+    script: list[str] | None = None, timeout: float = 300,
+) -> tuple[subprocess.CompletedProcess[str], list[list[dict[str, Any]]]]:  # fmt: skip
+    """`python -m trainer` (or `script`: a path and its args) in `nproc` processes under torchrun on this host
+    (`--standalone`: a free port), gloo on the CPU, one thread each; returns torchrun's process and every
+    rank's events (rank 0's file, SUPERVISOR_EVENTS, then its rank_events_path for each other rank)."""
+    full = trainer_env(tmp, params, {"OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})})
+    target = script or ["-m", "trainer"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           "--max-restarts=0", *target]  # fmt: skip
+    proc = subprocess.run(cmd, cwd=ROOT, env=full, capture_output=True, text=True, timeout=timeout)
+    events = Path(full["SUPERVISOR_EVENTS"])
+    from supervisor.protocol import rank_events_path
+
+    return proc, [read_events(rank_events_path(events, r)) for r in range(nproc)]
 
 
 def read_events(path: Path) -> list[dict[str, Any]]:

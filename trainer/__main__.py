@@ -7,6 +7,8 @@ file at SUPERVISOR_PARAMS). Alone: `python -m trainer --params run.toml [--seed 
 Exit codes: 0 done, or stopped on request (a checkpoint request with stop, or SIGTERM: the
 checkpoint was written and announced first), 1 crash, 2 bad parameters/data/usage, 3 non-finite
 loss (the NaN was reported as a step event first).
+
+Under torchrun (WORLD_SIZE > 1) every process runs this; ranks other than 0 log warnings and errors only.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -64,8 +67,11 @@ def _supervised(args: argparse.Namespace) -> Supervised:
 
 def main(argv: list[str] | None = None) -> int:
     args = _args(argv)
+    level = getattr(logging, str(args.log_level).upper(), logging.INFO)
+    if os.environ.get("RANK", "0") not in ("", "0"):  # torchrun: rank 0 tells the story, the others their trouble
+        level = max(level, logging.WARNING)
     logging.basicConfig(
-        level=getattr(logging, str(args.log_level).upper(), logging.INFO),
+        level=level,
         format="%(asctime)s trainer %(levelname)s %(message)s",
         stream=sys.stdout,
     )
@@ -83,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     except NonFiniteLoss as exc:
         log.error("%s: ending this attempt (exit %d)", exc, EXIT_NONFINITE)
         return EXIT_NONFINITE
-    except (DataError, ChecksumMismatch) as exc:
+    except (DataError, ChecksumMismatch, ParamsError) as exc:
         log.error("%s", exc)
         return EXIT_BAD_INPUT
     if "stopped" not in result:

@@ -6,7 +6,9 @@ DataLoader workers then share those pages instead of copying them one reference 
 (xmin, ymin, xmax, ymax) becomes (xmin - 1, ymin - 1, xmax, ymax).
 
 The sampler makes each epoch's order, input sizes and augmentation seeds a function of
-(seed, epoch) only, so a resumed run needs no iterator state and replays the same batches.
+(seed, epoch) only, so a resumed run needs no iterator state and replays the same batches. With
+several processes each one takes its own slice of every global batch: the global batches, and each
+image's augmentation, are those of one process training with the same global batch.
 """
 
 from __future__ import annotations
@@ -222,15 +224,24 @@ class EpochBatchSampler(Sampler[list[tuple[int, int, int]]]):
     A mid-epoch resume sets `skip`: the pass then starts at batch `skip` of the same epoch, with the
     same sizes and augmentation seeds as an uninterrupted pass (the whole epoch's draws are made, the
     first `skip` batches are dropped as lists of keys: no image is loaded for them).
+
+    Several processes (`world` > 1): `batch_size` is the global micro-batch; every process draws the same
+    global batches and yields slice `rank` of each (batch_size / world keys), so the processes see disjoint
+    shards of the epoch's permutation, with the sizes and per-image seeds one process would use. `skip` and
+    `len()` count global batches, the same on every rank.
     """
 
     def __init__(
-        self, n: int, batch_size: int, seed: int, base_size: int, sizes: Sequence[int], sizes_every: int = 1
-    ) -> None:
+        self, n: int, batch_size: int, seed: int, base_size: int, sizes: Sequence[int], sizes_every: int = 1,
+        rank: int = 0, world: int = 1,
+    ) -> None:  # fmt: skip
+        if not 0 <= rank < world:
+            raise ValueError(f"rank {rank} is not in 0..{world - 1}")
         self.n, self.batch_size, self.seed = n, batch_size, seed
         self.base_size = base_size
         self.sizes = list(sizes) or [base_size]
         self.sizes_every = max(1, sizes_every)
+        self.rank, self.world = rank, world
         self.epoch = 0
         self.multiscale = True
         self.skip = 0
@@ -261,8 +272,36 @@ class EpochBatchSampler(Sampler[list[tuple[int, int, int]]]):
                 size = base if base is not None else int(rng.choice(self.sizes))
             idx = order[b * bs : (b + 1) * bs]
             seeds = rng.integers(0, 2**62, size=len(idx))
-            out.append([(i, size, int(s)) for i, s in zip(idx, seeds, strict=True)])
+            keys = [(i, size, int(s)) for i, s in zip(idx, seeds, strict=True)]
+            if self.world > 1:
+                share = len(keys) // self.world
+                keys = keys[self.rank * share : (self.rank + 1) * share]
+            out.append(keys)
         return out
 
     def __iter__(self) -> Iterator[list[tuple[int, int, int]]]:
         return iter(self.batches()[self.skip :])
+
+
+class EvalBatchSampler(Sampler[list[int]]):
+    """The evaluation's batches: consecutive images, `batch_size` each, the first `batches` of them (every
+    image when None). With several processes, process `rank` takes batches rank, rank + world, ...: each
+    batch holds the images it holds in one process, so per-batch results gathered in batch order are
+    those of one process."""
+
+    def __init__(self, n: int, batch_size: int, batches: int | None = None, rank: int = 0, world: int = 1) -> None:
+        self.n, self.batch_size = n, batch_size
+        full = math.ceil(n / batch_size)
+        self.batches = full if batches is None else min(batches, full)
+        self.rank, self.world = rank, world
+
+    def numbers(self) -> range:
+        """The batch numbers this process evaluates, in order."""
+        return range(self.rank, self.batches, self.world)
+
+    def __len__(self) -> int:
+        return len(self.numbers())
+
+    def __iter__(self) -> Iterator[list[int]]:
+        for b in self.numbers():
+            yield list(range(b * self.batch_size, min(self.n, (b + 1) * self.batch_size)))

@@ -27,11 +27,12 @@ CUDA_ASSERT_TEXT = "RuntimeError: CUDA error: device-side assert triggered"
 GPU_OOM_TEXT = "torch.OutOfMemoryError: CUDA out of memory."
 
 
-def due(spec: object | None, attempt: int, epoch: int, step: int) -> str | None:
-    """The fault kind to fire now, or None (`spec` is one FaultSpec, a list of them, or None)."""
+def due(spec: object | None, attempt: int, epoch: int, step: int, rank: int = 0) -> str | None:
+    """The fault kind to fire now, or None (`spec` is one FaultSpec, a list of them, or None). Under torchrun
+    a spec with a `rank` fires in that global rank only; without one, in every rank."""
     specs = spec if isinstance(spec, list) else [] if spec is None else [spec]
     for one in specs:
-        if (one.attempt, one.epoch, one.step) == (attempt, epoch, step):
+        if (one.attempt, one.epoch, one.step) == (attempt, epoch, step) and getattr(one, "rank", None) in (None, rank):
             return one.kind
     return None
 

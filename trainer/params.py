@@ -79,6 +79,8 @@ class FaultSpec(BaseModel):
     epoch: int = Field(0, ge=0)
     step: int = Field(0, ge=0)
     attempt: int = Field(0, ge=0)
+    # Several processes (torchrun): the global rank it fires in; None: every rank.
+    rank: int | None = Field(None, ge=0)
 
 
 class CosineSegment(BaseModel):
@@ -165,6 +167,8 @@ class Params(LossWeights):
     # runtime
     device: Literal["auto", "cpu", "cuda"] = "auto"
     channels_last: bool | None = None
+    # Several processes on CUDA: SyncBatchNorm (batch statistics over the global micro-batch) instead of BN per process.
+    sync_bn: bool = False
     amp_skip_limit: int = Field(8, ge=1)
     amp_min_scale: float = Field(1.0, gt=0)
     # One table or a list of them; the discriminator picks the branch by the input's shape so a
@@ -203,10 +207,16 @@ class Params(LossWeights):
             return CLASSES
         return VOC_CLASSES
 
-    def batch_plan(self, divisor: int) -> tuple[int, int]:
-        """(micro-batch size, accumulation steps) under SUPERVISOR_BATCH_DIVISOR `divisor`."""
-        divisor = max(1, divisor)
-        return max(1, self.batch_size_train // divisor), self.accum_batch_num * divisor
+    def batch_plan(self, divisor: int, world: int = 1) -> tuple[int, int]:
+        """(micro-batch size of one process, accumulation steps) under SUPERVISOR_BATCH_DIVISOR `divisor`, with
+        `world` processes sharing the global micro-batch `batch_size_train` (it must divide by `world`)."""
+        divisor, world = max(1, divisor), max(1, world)
+        if self.batch_size_train % world:
+            raise ParamsError(
+                f"batch_size_train = {self.batch_size_train} is the global batch of the {world} processes "
+                f"(WORLD_SIZE): it must be a multiple of {world}"
+            )
+        return max(1, self.batch_size_train // world // divisor), self.accum_batch_num * divisor
 
 
 _SEGMENT_KEY = re.compile(r"^(lr_cosine_max|lr_T_half)_(\d+)$")
