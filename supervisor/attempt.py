@@ -460,7 +460,12 @@ class Attempt:
                 continue
             seen = self.rules.feed(ev, self.accepting, time.time())
             if seen.fault is not None:
-                self.set_fault(*seen.fault)
+                # Rank 0 of a data-parallel trainer reports the group's mean loss: NaN when any rank's was; it may
+                # say whose (`nonfinite_ranks`, as the reference trainer does).
+                ranks = ev.data.get("nonfinite_ranks") if self.distributed else None
+                named = [r for r in ranks if isinstance(r, int) and not isinstance(r, bool)] if isinstance(
+                    ranks, list) else []  # fmt: skip
+                self.set_fault(*seen.fault, named[0] if named else None)
             for announced in seen.checkpoints:
                 rid = announced.data.get("request")
                 if isinstance(rid, int) and rid in self.requests:

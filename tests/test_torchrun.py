@@ -23,7 +23,8 @@ pytestmark = pytest.mark.slow
 
 # Follows the protocol for several processes (docs/protocol.md): rank 0 writes the attempt's events and the
 # checkpoints, every rank its step events to its own file. FAULTS="A:kind@epoch:step,..." fires in rank 1
-# of attempt A: crash (exit 1), nan (a NaN loss), stop (SIGSTOP itself).
+# of attempt A: crash (exit 1), nan (a NaN loss in its own events), meannan (a NaN into the all-reduce: rank 0
+# reports the group's NaN with nonfinite_ranks), stop (SIGSTOP itself).
 DIST_TRAINER = textwrap.dedent('''
     import json, os, signal, sys, time
     import torch
@@ -56,11 +57,16 @@ DIST_TRAINER = textwrap.dedent('''
             if hit and kind == "stop":
                 os.kill(os.getpid(), signal.SIGSTOP)
             loss = float("nan") if hit and kind == "nan" else 1.0 / (epoch * 5 + step)
-            emit(event="step", epoch=epoch, step=step, loss=loss)
+            if not (hit and kind == "meannan"):  # meannan: rank 1 reports nothing; rank 0 names it
+                emit(event="step", epoch=epoch, step=step, loss=loss)
             if loss != loss:
                 sys.exit(3)
-            g = torch.tensor([0.1 * (rank + 1)])
+            g = torch.tensor([float("nan") if hit and kind == "meannan" else 0.1 * (rank + 1)])
             dist.all_reduce(g)
+            if g.item() != g.item():  # the group's mean is NaN: rank 0 says whose it was, as the reference trainer
+                if rank == 0:
+                    emit(event="step", epoch=epoch, step=step, loss=float("nan"), nonfinite_ranks=[1])
+                sys.exit(3)
             w -= 0.01 * g
         if rank == 0:
             state = {"w": w.item(), "trained": state["trained"] + [epoch], "world": world}
@@ -102,20 +108,20 @@ def test_torchrun_command_line():
 
 
 def test_faults_in_rank_1_are_named_with_their_rank_and_the_group_restarts_together(tmp_path):
-    toml = write_dist_run(tmp_path, epochs=4, faults="0:crash@1:3,1:nan@2:2,2:stop@3:2")
+    toml = write_dist_run(tmp_path, epochs=5, faults="0:crash@1:3,1:nan@2:2,2:meannan@3:4,3:stop@4:2")
     out = cli("start", "-q", str(toml), timeout=400)
     assert out.returncode == 0, out.stderr[-4000:]
     rep = report(toml)
     rows = rep["restarts"]
     print("\n" + cli("report", str(toml)).stdout)
     assert [(r["epoch"], r["load_epoch"], r["reason"], r["rank"]) for r in rows] == [
-        (0, -1, "normal start", None), (1, 0, "crash", 1), (2, 1, "nan", 1), (3, 2, "hang", 1)]
-    assert len({r["seed"] for r in rows}) == 4
-    assert [a["rank"] for a in rep["attempts"]] == [1, 1, 1, None]
+        (0, -1, "normal start", None), (1, 0, "crash", 1), (2, 1, "nan", 1), (3, 2, "nan", 1), (4, 3, "hang", 1)]
+    assert len({r["seed"] for r in rows}) == 5
+    assert [a["rank"] for a in rep["attempts"]] == [1, 1, 1, 1, None]
     assert "injected crash in rank 1" in rep["attempts"][0]["detail"] or rep["attempts"][0]["detail"].startswith(
         "rank 1:")  # fmt: skip
-    final = json.loads((tmp_path / "runs" / "dist" / "checkpoints" / "epoch-0003.pt").read_text())
-    assert final["trained"] == [0, 1, 2, 3] and final["world"] == 2
+    final = json.loads((tmp_path / "runs" / "dist" / "checkpoints" / "epoch-0004.pt").read_text())
+    assert final["trained"] == [0, 1, 2, 3, 4] and final["world"] == 2
     md = cli("report", str(toml)).stdout
     assert "| epoch | load_epoch | seed | reason | rank |" in md and "| crash | 1 |" in md
     log = (tmp_path / "runs" / "dist" / "attempts" / "attempt-0000.log").read_text()
