@@ -220,6 +220,7 @@ class Attempt:
         env.update({
             P.ENV_UNIT: self.cfg.unit,
             P.ENV_CHECKPOINT_PATTERN: self.cfg.checkpoints.pattern,
+            P.ENV_STEP_PATTERN: self.cfg.checkpoints.step_pattern,
             P.ENV_RUN_DIR: str(self.run_dir),
             P.ENV_CHECKPOINT_DIR: str(self.checkpoint_dir),
             P.ENV_EVENTS: str(self.events_path),

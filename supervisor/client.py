@@ -277,6 +277,7 @@ class Supervised:
             attempt=_env_int(env, P.ENV_ATTEMPT, 0),
             batch_divisor=max(1, _env_int(env, P.ENV_BATCH_DIVISOR, 1)),
             params=params,
+            step_pattern=env.get(P.ENV_STEP_PATTERN) or P.DEFAULT_STEP_PATTERN,
             load_path=Path(load_path) if load_path else None,
             load_sha256=env.get(P.ENV_LOAD_SHA256) or None,
             checkpoint_pattern=pattern,

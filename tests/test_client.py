@@ -693,3 +693,17 @@ def test_two_processes_serve_a_request_and_a_sigterm_of_one_rank_at_the_same_ste
     assert _rank_events(tmp_path, 1, "checkpoint") == []  # rank 1 saved and announced nothing
     steps = [[e["step"] for e in _rank_events(tmp_path, r, "step")] for r in (0, 1)]
     assert steps[0] == steps[1] == list(range(last["step"]))  # nothing stepped past the stop on either rank
+
+
+def test_a_custom_step_pattern_reaches_the_client_through_the_environment(tmp_path):
+    """[checkpoints] step_pattern travels as SUPERVISOR_STEP_PATTERN, so mid-epoch files get the run's names."""
+    from supervisor.attempt import Attempt, AttemptSpec
+    from supervisor.config import parse_config
+
+    cfg = parse_config({"name": "x", "epochs": 3, "trainer": {"command": ["t"]},
+                        "checkpoints": {"step_pattern": "mid/e{epoch}-s{step}.bin"}}, tmp_path, tmp_path / "r.toml")
+    env = Attempt(cfg, tmp_path / "run", AttemptSpec(attempt=0, seed=1, load_epoch=-1, batch_divisor=1)).env()
+    assert env[P.ENV_STEP_PATTERN] == "mid/e{epoch}-s{step}.bin"
+    sup = Supervised.from_env({P.ENV_CHECKPOINT_DIR: str(tmp_path / "ck"), P.ENV_STEP_PATTERN: env[P.ENV_STEP_PATTERN]})
+    assert sup.checkpoint_path(2, step=7) == tmp_path / "ck" / "mid" / "e2-s7.bin"
+    assert Supervised.from_env({}).step_pattern == P.DEFAULT_STEP_PATTERN
