@@ -245,3 +245,14 @@ def test_restore_puts_the_snapshot_back_atomically(tmp_path):
     restore(snap, target)
     assert target.read_bytes() == b"verified bytes"
     assert [p.name for p in target.parent.iterdir()] == ["ckpt.pt"]  # no temp file left
+
+
+def test_an_epoch_line_read_just_after_its_save_still_names_it(tmp_path):
+    """A script prints `epoch 3: ...` and saves at once; the file's coarse mtime can precede the line's stamp."""
+    s = Script(tmp_path, by_epoch=True, start=0, span=10, settle_s=0.05)
+    s.say(2)
+    s.save(b"state after epoch 3", then=3)  # `epoch 3: ...` printed before this save, read just after it
+    s.say(4)
+    (snap,) = ready(s.snaps)
+    assert snap.key == 3 and snap.path.read_bytes() == b"state after epoch 3"
+    s.snaps.close()

@@ -185,7 +185,9 @@ class FileSnapshots:
             elif after is None:
                 after = k
         if self.by_epoch:
-            return next((k for k in (before, near, after) if k is not None), self._order + 1 if ended else None)
+            if near is not None and (before is None or near > before):
+                return near  # the save's own line ("epoch 3: ...", then the save) read a little late
+            return next((k for k in (before, after) if k is not None), self._order + 1 if ended else None)
         if before is not None and before > self._order:
             return before
         if near is not None and near > self._order:
