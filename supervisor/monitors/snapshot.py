@@ -27,7 +27,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from supervisor.durable import TMP_SUFFIX, fsync_dir
+from supervisor.durable import TMP_SUFFIX, atomic_write, fsync_dir
 
 log = logging.getLogger("supervisor")
 
@@ -280,16 +280,5 @@ def _unlink(path: Path) -> None:
 def restore(snapshot: Path, target: Path) -> None:
     """Put a verified checkpoint back where the script expects its file (atomically: a reader sees the old file
     or the whole snapshot)."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=TMP_SUFFIX, dir=target.parent)
-    try:
-        with open(snapshot, "rb") as src, os.fdopen(fd, "wb") as dst:
-            shutil.copyfileobj(src, dst, 1 << 20)
-            dst.flush()
-            os.fsync(dst.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(target.parent)
+    with open(snapshot, "rb") as src:
+        atomic_write(target, lambda dst: shutil.copyfileobj(src, dst, 1 << 20))
