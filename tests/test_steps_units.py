@@ -13,7 +13,7 @@ from supervisor import protocol as P
 from supervisor.attempt import build_argv
 from supervisor.checkpoints import EventRules
 from supervisor.config import ConfigError, fill_placeholders, parse_config
-from supervisor.monitors.snapshot import FileSnapshots, looks_complete, restore
+from supervisor.monitors.snapshot import FileSnapshots, looks_complete, recorded_step, restore
 
 
 def cfg(**raw):
@@ -193,6 +193,60 @@ def test_a_script_saving_again_the_step_it_resumed_from_makes_no_new_checkpoint(
     assert snap.key == 55 and snap.path.read_bytes() == b"state after 55"
     s.snaps.close()
     assert sorted(p.name for p in s.ck.iterdir()) == ["55.pt"]
+
+
+def torch_checkpoint(**fields) -> bytes:
+    """The bytes torch.save writes for a nanoGPT-style checkpoint dict with `fields`."""
+    import io
+
+    torch = pytest.importorskip("torch")
+    net = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.BatchNorm1d(3))
+    buf = io.BytesIO()
+    torch.save({"model": net.state_dict(), "optimizer": torch.optim.AdamW(net.parameters()).state_dict(),
+                "config": {"lr": 1e-3}, **fields}, buf)  # fmt: skip
+    return buf.getvalue()
+
+
+def test_a_checkpoint_that_records_its_step_is_named_by_it_whatever_the_timing_of_the_lines(tmp_path):
+    """CI once named nanoGPT's re-save of the step it resumed from (50) by its next line (60), read within
+    LINE_SLACK_S on a loaded machine: a checkpoint's own iter_num/global_step/step outranks the line stamps."""
+    s = Script(tmp_path, start=51, settle_s=0.05)  # resumed from step 50
+    s.say(50)
+    s.save(torch_checkpoint(iter_num=50, best_val_loss=1.0), then=60)  # the next line read "too soon"
+    s.say(70)
+    time.sleep(0.3)
+    assert s.snaps.poll() == []  # a repeat of 50: no new checkpoint
+    s.say(90)
+    s.save(torch_checkpoint(iter_num=100), then=100)  # printed after the save: the lines alone would say 90
+    s.say(110)
+    (snap,) = ready(s.snaps)
+    assert snap.key == 100
+    s.snaps.close()
+    assert sorted(p.name for p in s.ck.iterdir()) == ["100.pt"]
+
+
+def test_recorded_step_reads_a_checkpoint_without_running_its_pickle(tmp_path):
+    import os
+    import pickle
+
+    path = tmp_path / "c.pt"
+    for key in ("global_step", "iter_num", "step"):
+        path.write_bytes(torch_checkpoint(**{key: 42}))
+        assert recorded_step(path) == 42
+    path.write_bytes(torch_checkpoint(epoch=3))
+    assert recorded_step(path) is None  # epochs are not steps
+    path.write_bytes(torch_checkpoint(step=True))
+    assert recorded_step(path) is None
+    path.write_bytes(b"not a checkpoint")
+    assert recorded_step(path) is None
+
+    class Evil:
+        def __reduce__(self):
+            return (os.mkdir, (str(tmp_path / "ran"),))
+
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("archive/data.pkl", pickle.dumps({"step": 7, "payload": Evil()}))
+    assert recorded_step(path) == 7 and not (tmp_path / "ran").exists()
 
 
 def test_single_file_saves_after_a_fault_or_cut_short_do_not_count(tmp_path):

@@ -4,10 +4,13 @@ that file becomes a checkpoint of the run, copied into the checkpoint dir under 
     script overwrites out/ckpt.pt --> settled (held still settle_s, or the script exited 0)
         --> copied (sha256 while copying; the source must not change meanwhile) --> named by the run's position
 
-The position (epoch or step) of a save is the last one the script's output named before the save's mtime
-(`note_key`), else the order of saves. In a run of steps the copy is a checkpoint at once. In a run of epochs
-a script may save several times per epoch, so the copy of epoch E counts only once the output has moved past E
-(or the script exited 0); a later save of E replaces it, and one still pending when the script dies is dropped.
+In a run of steps, a torch checkpoint that records its own step (a top-level whole number under one of
+STEP_KEYS: nanoGPT's `iter_num`, Lightning's `global_step`) is named by it; read without torch and without running
+any of the pickle's code. Otherwise the position (epoch or step) of a save is the last one the script's output
+named before the save's mtime (`note_key`), else the order of saves. In a run of steps the copy is a checkpoint
+at once. In a run of epochs a script may save several times per epoch, so the copy of epoch E counts only once
+the output has moved past E (or the script exited 0); a later save of E replaces it, and one still pending when
+the script dies is dropped.
 Copies run on one worker thread: the watch loop never waits on a large file.
 """
 
@@ -15,8 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import logging
 import os
+import pickle
 import shutil
 import tempfile
 import time
@@ -36,6 +41,9 @@ Signature = tuple[int, int, int]  # size, mtime_ns, inode
 # when our pump reads it: when no line before the save's mtime names a new position, one read up to this long after
 # it is taken as the save's own (read late). Short: a fast loop prints its next steps within tens of ms.
 LINE_SLACK_S = 0.02
+# Top-level keys of a checkpoint dict that hold the number of optimizer steps done (first found wins).
+STEP_KEYS = ("global_step", "iter_num", "step", "iteration", "num_updates")
+MAX_PICKLE_BYTES = 64 << 20  # a data.pkl larger than this is not read for a step
 
 
 class Changed(OSError):
@@ -60,6 +68,56 @@ def looks_complete(path: Path) -> bool:
         return zipfile.is_zipfile(path)
     except OSError:
         return False
+
+
+class _Opaque:
+    """Whatever a checkpoint's pickle names (tensors, classes, functions) becomes this: inert, never imported."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __setstate__(self, state) -> None:
+        pass
+
+    def __setitem__(self, key, value) -> None:  # an OrderedDict's items (a state_dict)
+        pass
+
+    def append(self, value) -> None:
+        pass
+
+    def extend(self, values) -> None:
+        pass
+
+
+class _Inert(pickle.Unpickler):
+    """Unpickles the plain containers and numbers of a checkpoint; every global is _Opaque and every stored tensor
+    None, so nothing is imported or run (the pattern of the pickle docs' "Restricting Globals")."""
+
+    def find_class(self, module: str, name: str):
+        return _Opaque
+
+    def persistent_load(self, pid):
+        return None
+
+
+def recorded_step(path: Path) -> int | None:
+    """The step a torch zip checkpoint records of itself (STEP_KEYS at the top level of its dict), else None."""
+    try:
+        with zipfile.ZipFile(path) as z:
+            info = next((i for i in z.infolist() if i.filename.endswith("data.pkl")
+                         and i.filename.count("/") <= 1), None)  # fmt: skip
+            if info is None or info.file_size > MAX_PICKLE_BYTES:
+                return None
+            state = _Inert(io.BytesIO(z.read(info))).load()
+    except Exception:  # any file that is no readable torch checkpoint: not named by its content
+        return None
+    if not isinstance(state, dict):
+        return None
+    for key in STEP_KEYS:
+        value = state.get(key)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+            return value
+    return None
 
 
 def copy_settled(source: Path, folder: Path, sig: Signature) -> tuple[Path, int, str]:
@@ -100,6 +158,7 @@ class _Copy:
     tmp: Path
     size: int
     sha256: str
+    recorded: int | None = None  # the step the checkpoint records of itself (runs of steps)
 
 
 class FileSnapshots:
@@ -109,9 +168,10 @@ class FileSnapshots:
     named outside it, such as the script saving again the point it resumed from, is skipped). `by_epoch`: the
     run counts epochs (copies of an epoch count once the output moved past it).
 
-    The position of a save: the last one the output named before the save's mtime; in a run of steps, when that
-    one is held already, the first new one named within LINE_SLACK_S after it (the save's own line, read late),
-    else it repeats the held position (a script that saves again the step it resumed from) and is skipped.
+    The position of a save: in a run of steps the step it records of itself (`recorded_step`), if any; else the
+    last one the output named before the save's mtime; in a run of steps, when that one is held already, the
+    first new one named within LINE_SLACK_S after it (the save's own line, read late), else it repeats the held
+    position (a script that saves again the step it resumed from) and is skipped.
     """
 
     def __init__(self, source: Path, settle_s: float, dest: Callable[[int], Path], keys: range, by_epoch: bool):
@@ -151,7 +211,7 @@ class FileSnapshots:
         ready = []
         while self._copies:
             copy = self._copies[0]
-            key = self._key_for(copy.mtime, ended)
+            key = copy.recorded if copy.recorded is not None else self._key_for(copy.mtime, ended)
             if key is None:
                 break  # the output has not named it yet
             self._copies.pop(0)
@@ -238,13 +298,17 @@ class FileSnapshots:
         self._taken.add(sig)
         folder = self.dest(self.keys.start).parent
         folder.mkdir(parents=True, exist_ok=True)
-        self._jobs.append((mtime, self._pool.submit(copy_settled, self.source, folder, sig)))
+        self._jobs.append((mtime, self._pool.submit(self._copy, folder, sig)))
+
+    def _copy(self, folder: Path, sig: Signature) -> tuple[Path, int, str, int | None]:
+        tmp, size, digest = copy_settled(self.source, folder, sig)
+        return tmp, size, digest, None if self.by_epoch else recorded_step(tmp)
 
     def _harvest(self, wait: bool) -> None:
         while self._jobs and (wait or self._jobs[0][1].done()):
             mtime, job = self._jobs.pop(0)
             try:
-                tmp, size, digest = job.result()
+                tmp, size, digest, recorded = job.result()
             except Changed:
                 log.info("%s changed while it was copied: waiting for the newer save", self.source)
                 continue
@@ -252,7 +316,7 @@ class FileSnapshots:
                 log.error("cannot copy %s into the checkpoint dir (%s): this save is not a checkpoint", self.source,
                           exc.strerror or exc)  # fmt: skip
                 continue
-            self._copies.append(_Copy(mtime, tmp, size, digest))
+            self._copies.append(_Copy(mtime, tmp, size, digest, recorded))
 
     def _place(self, key: int, copy: _Copy) -> Snapshot:
         self._done.add(key)
