@@ -76,6 +76,7 @@ class AttemptResult:
     tail: list[str] = field(default_factory=list)
     detected_at: float | None = None  # unix time the watchdog named the fault
     rank: int | None = None  # under torchrun: the rank the fault was seen in
+    node: int | None = None  # several nodes: the node it was seen on
 
 
 # torchrun prefixes every line of every rank with this (`--log-line-prefix-template`); RANK_PREFIX reads it back.
@@ -94,7 +95,8 @@ def build_argv(cfg: RunConfig, values: dict[str, str], resume: bool = False, log
     if argv and re.fullmatch(r"python[0-9.]*", argv[0]):
         argv[0] = sys.executable
     if t.launcher == "torchrun":
-        argv = torchrun_argv(cfg, argv, values.get("run_name", cfg.name), log_dir)
+        run_id = f"{cfg.name}-{int(values['attempt']):04d}" if "attempt" in values else cfg.name  # a new one each time
+        argv = torchrun_argv(cfg, argv, run_id, log_dir)
     return argv
 
 
@@ -114,11 +116,21 @@ def torchrun_argv(cfg: RunConfig, argv: list[str], run_id: str, log_dir: Path | 
            f"--node-rank={t.node_rank}", "--max-restarts=0", "--tee=3", f"--log-line-prefix-template={RANK_TEMPLATE}"]
     if log_dir is not None:
         run.append(f"--log-dir={log_dir}")
+    if t.local_addr:
+        run.append(f"--local-addr={t.local_addr}")
     if t.nnodes == 1 and t.rdzv_endpoint is None:
         run.append("--standalone")  # a free local port: runs on one box never collide
     else:
         run += [f"--rdzv-backend={t.rdzv_backend}", f"--rdzv-endpoint={t.rdzv_endpoint}", f"--rdzv-id={run_id}"]
+        if t.nnodes > 1 and t.rdzv_backend == "c10d":  # the leader's agent serves the rendezvous, whatever the host
+            run.append(f"--rdzv-conf=is_host={int(t.node_rank == 0)}")
     return run + script
+
+
+def where(rank: int | None, node: int | None) -> str:
+    """"node 1, rank 3", "rank 3" or "node 1": where a fault was seen."""
+    return ", ".join(x for x in (f"node {node}" if node is not None else "", f"rank {rank}" if rank is not None
+                                 else "") if x)  # fmt: skip
 
 
 class Attempt:
@@ -143,6 +155,7 @@ class Attempt:
         self.ranks_dir = layout.attempt_ranks(spec.attempt)
         self.distributed = cfg.trainer.launcher == "torchrun"
         self.fault_rank: int | None = None  # the rank a fault was seen in (torchrun)
+        self.node: int | None = None  # several nodes: the node a fault was seen on (the leader sets it)
         self._rank_tails: dict[int, EventTail] = {}  # ranks other than 0: their own events files
         self._rank_seen: dict[int, float] = {}  # rank -> unix time of its last event
         self._rank_step: dict[int, tuple[int, int]] = {}  # rank -> (epoch, step) of its last step event
@@ -181,12 +194,13 @@ class Attempt:
         """Whether what the trainer reports still counts: not after a trainer-caused fault (a pause is none)."""
         return self.fault is None or self.fault.external
 
-    def set_fault(self, fault: Fault, detail: str, rank: int | None = None) -> None:
-        """Name the fault that ends this attempt (the first one named wins); `rank`: the process it was seen in."""
+    def set_fault(self, fault: Fault, detail: str, rank: int | None = None, node: int | None = None) -> None:
+        """Name the fault that ends this attempt (the first one named wins); `rank`: the process it was seen in,
+        `node`: the node (several nodes; the leader names another node's fault)."""
         if self.fault is None:
             self.fault = fault
-            self.fault_rank = rank
-            self.detail = detail if rank is None else f"rank {rank}: {detail}"
+            self.fault_rank, self.node = rank, node
+            self.detail = f"{where(rank, node)}: {detail}" if (rank, node) != (None, None) else detail
             detail = self.detail
             self.detected_wall = time.time()
             log.warning("attempt %d: %s during %s %d: %s", self.spec.attempt, fault, self.rules.noun, self.epoch,
@@ -646,7 +660,7 @@ class Attempt:
                 self.set_fault(fault, f"{describe_exit(rc)}; last output: {last}"[:300], self._root_cause)
         self._to("ended", describe_exit(rc))
         result = AttemptResult(self.fault, describe_exit(rc), self.epoch, self.rules.steps, self.detail, tail[-20:],
-                               self.detected_wall, self.fault_rank)  # fmt: skip
+                               self.detected_wall, self.fault_rank, self.node)  # fmt: skip
         return result, out
 
 

@@ -108,6 +108,10 @@ def cmd_start(args: argparse.Namespace) -> int:
     cfg = _load_runnable(args.config)  # before the run dir exists: a bad command burns no seed
     try:
         store = open_store(cfg)
+        if cfg.trainer.node_rank > 0:  # several nodes: node 0's supervisor leads, this one follows
+            from supervisor.follower import Follower
+
+            return Follower(cfg, store, echo=not args.quiet).run()
         return Watchdog(cfg, store, echo=not args.quiet).run()
     except LockHeld as exc:
         return _fail(str(exc))

@@ -162,10 +162,16 @@ class TrainerConfig(_Strict):
     node_rank: Annotated[int, Field(ge=0)] = 0
     rdzv_endpoint: str | None = None
     rdzv_backend: str = "c10d"
+    local_addr: str | None = None  # torchrun --local-addr: this node's address as the others reach it
+    # Several nodes: how long the leader waits for a node's report that the attempt ended there (then the node
+    # is lost: a `session lost` of the attempt), and how long a follower waits for the leader's next attempt.
+    node_timeout_s: Annotated[float, Field(gt=0)] = 60.0
+    join_timeout_s: Annotated[float, Field(gt=0)] = 900.0
 
     @model_validator(mode="after")
     def _launcher(self) -> TrainerConfig:
-        torchrun_keys = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_backend")
+        torchrun_keys = ("nproc_per_node", "nnodes", "node_rank", "rdzv_endpoint", "rdzv_backend", "local_addr",
+                         "node_timeout_s", "join_timeout_s")
         if self.launcher != "torchrun":
             if given := [k for k in torchrun_keys if k in self.model_fields_set]:
                 raise ValueError(f"trainer.{given[0]}: only with trainer.launcher = \"torchrun\"; add it or remove "
@@ -174,10 +180,15 @@ class TrainerConfig(_Strict):
         if self.node_rank >= self.nnodes:
             raise ValueError(f"trainer.node_rank: {self.node_rank} is not below nnodes = {self.nnodes} (ranks count "
                              "from 0)")  # fmt: skip
-        if self.nnodes > 1:
-            raise ValueError("trainer.nnodes: several nodes need the supervisors of all nodes to agree on every "
-                             "attempt through the store, which is not built yet (docs/distributed.md); run one node "
-                             "(nnodes = 1) for now")  # fmt: skip
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise ValueError("trainer.rdzv_endpoint: several nodes meet at one address, the leader's (node_rank 0) "
+                             "host:port, e.g. rdzv_endpoint = \"10.0.0.1:29400\" on every node")  # fmt: skip
+        if self.nnodes > 1 and self.mode != "protocol":
+            raise ValueError("trainer.mode: several nodes need protocol mode (rank 0 announces its checkpoints, "
+                             "which its node passes to the leader); zero-code runs one node (nnodes = 1)")  # fmt: skip
+        if self.nnodes > 1 and self.rdzv_backend != "c10d":
+            raise ValueError("trainer.rdzv_backend: several nodes under the supervisor use \"c10d\" (each attempt "
+                             "is a new rendezvous at rdzv_endpoint)")  # fmt: skip
         return self
 
     @field_validator("command", mode="before")
@@ -463,6 +474,9 @@ class RunConfig(_Strict):
         if c.file is not None and self.trainer.mode != "zero-code":
             raise ValueError("checkpoints.file: only for trainer.mode = \"zero-code\" (a protocol trainer announces "
                              "its checkpoints); remove it or set the mode")  # fmt: skip
+        if self.trainer.nnodes > 1 and self.storage is None:
+            raise ValueError("storage: several nodes agree on every attempt through the run's store; give every "
+                             "node the same [storage] url (s3://bucket/prefix, or file:// on a shared filesystem)")
         return self
 
     @property

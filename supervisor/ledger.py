@@ -189,6 +189,7 @@ class AttemptView:
     lost_s: float | None = None
     detail: str = ""  # how it ended, in words (the fault's evidence)
     rank: int | None = None  # under torchrun: the rank the fault was seen in
+    node: int | None = None  # several nodes: the node it was seen on
 
     @property
     def start_step(self) -> int:
@@ -307,6 +308,7 @@ def _apply(view: RunView, by_id: dict[int, AttemptView], f: dict[str, Any]) -> N
             ended_at=float(f.get("ts", 0.0)),
             detail=str(f.get("detail") or ""),
             rank=None if f.get("rank") is None else _int(f["rank"]),
+            node=None if f.get("node") is None else _int(f["node"]),
         )
         a.ended = True
         for key, value in ended.items():

@@ -42,7 +42,7 @@ def build(run_dir: Path, name: str, running: bool, best_metric: str | None = Non
                 "reason": a.reason, "ended_by": a.fault, "exit": a.exit, "failed_step": a.failed_epoch,
                 "steps": a.steps, "batch_divisor": a.batch_divisor, "host": a.host,
                 "duration_s": round(a.ended_at - a.started_at, 1) if a.ended_at else None,
-                "lost_steps": a.lost_steps, "lost_s": a.lost_s, "detail": a.detail, "rank": a.rank,
+                "lost_steps": a.lost_steps, "lost_s": a.lost_s, "detail": a.detail, "rank": a.rank, "node": a.node,
             })  # fmt: skip
             continue
         attempts.append({
@@ -50,7 +50,7 @@ def build(run_dir: Path, name: str, running: bool, best_metric: str | None = Non
             "reason": a.reason, "ended_by": a.fault, "exit": a.exit, "failed_epoch": a.failed_epoch,
             "load_step": a.load_step, "steps": a.steps, "batch_divisor": a.batch_divisor, "host": a.host,
             "duration_s": round(a.ended_at - a.started_at, 1) if a.ended_at else None,
-            "lost_steps": a.lost_steps, "lost_s": a.lost_s, "detail": a.detail, "rank": a.rank,
+            "lost_steps": a.lost_steps, "lost_s": a.lost_s, "detail": a.detail, "rank": a.rank, "node": a.node,
         })  # fmt: skip
     lost: dict[str, dict[str, Any]] = {}
     for a in view.attempts:

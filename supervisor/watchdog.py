@@ -21,7 +21,7 @@ from filelock import FileLock, Timeout
 from supervisor import __version__, policy
 from supervisor import deadline as D
 from supervisor import ledger as L
-from supervisor.attempt import Attempt, AttemptResult, AttemptSpec, event_rules
+from supervisor.attempt import Attempt, AttemptResult, AttemptSpec, event_rules, where
 from supervisor.checkpoints import (
     ANNOUNCED_SETTLE_S,
     Announced,
@@ -37,6 +37,7 @@ from supervisor.faults import Fault
 from supervisor.layout import RunLayout, describe_holder
 from supervisor.monitors.disk import free_bytes
 from supervisor.monitors.events import EventTail
+from supervisor.nodes import Coordination, LeaderLink, NodeEnd, Plan, cause, new_session, plain
 from supervisor.oserrors import describe_os_error
 from supervisor.platforms import Platform, detect
 from supervisor.platforms.notices import NoticePoller
@@ -87,6 +88,10 @@ class Watchdog:
         self._lost_rules: tuple[int, EventRules] | None = None  # a lost attempt's events, for its work lost
         self._earlier_costs = D.Costs()
         self.noun = "step" if cfg.unit == "steps" else "epoch"
+        # Several nodes: this is the leader (node_rank 0); the others follow what it publishes (nodes.py).
+        self.coord = Coordination(store.backend) if cfg.trainer.nnodes > 1 else None  # type: ignore[attr-defined]
+        self.session = new_session()
+        self._link: LeaderLink | None = None
 
     # -- outside requests ---------------------------------------------------------------------
 
@@ -328,6 +333,10 @@ class Watchdog:
                 {"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()}).encode()))  # fmt: skip
             self.layout.stop_request.unlink(missing_ok=True)
             self.store.open()
+            if self.coord is not None:
+                self.coord.set_session(self.session, L.STATUS_RUNNING)
+                log.info("leader of %d nodes: each attempt is published in %s for the others", self.cfg.trainer.nnodes,
+                         self.store.describe())  # fmt: skip
             self.notices.start()
             if not self.layout.ledger.exists() and self.store.restore(self.run_dir):
                 log.info("continuing the run found in %s", self.store.describe())
@@ -498,9 +507,14 @@ class Watchdog:
         self._high_water_at_start = view.high_water
         self._attempt_progressed = False
         remove_stale_temps(self.layout.checkpoints)  # no trainer runs now: every temp file is a dead attempt's
+        if self.coord is not None:
+            self._publish(spec, record)
         attempt = self._attempt = Attempt(cfg, self.run_dir, spec, echo=self.echo)
         self._launched_wall = time.time()
         argv = attempt.launch()
+        if self.coord is not None:
+            self._link = LeaderLink(self.coord, number, self.run_dir, attempt.events_path, attempt.request_path)
+            self._link.start()
         self.ledger.append(L.ATTEMPT_STARTED, attempt=number, seed=spec.seed, load_epoch=load_epoch,
                            load_step=spec.load_step, start_epoch=spec.start_epoch, start_step=spec.start_step,
                            reason=launch.reason, batch_divisor=spec.batch_divisor, pid=attempt.proc.pid,
@@ -520,10 +534,12 @@ class Watchdog:
             if not cfg.checkpoints.require_last:
                 return self._exited_done(number, result, view)
             fault, detail = Fault.INCOMPLETE, self._incomplete(result, view)
+        placed = {} if result.rank is None else {"rank": result.rank}
+        if result.node is not None:
+            placed["node"] = result.node
         self.ledger.append(L.ATTEMPT_ENDED, attempt=number, fault=fault.value if fault else None, exit=result.exit,
                            failed_epoch=result.failed_epoch, steps=result.steps, progressed=self._attempt_progressed,
-                           detail=detail, tail=result.tail, detected_at=result.detected_at,
-                           **({} if result.rank is None else {"rank": result.rank}))  # fmt: skip
+                           detail=detail, tail=result.tail, detected_at=result.detected_at, **placed)  # fmt: skip
         self._attempt = None
         if fault is not None:
             log.info("attempt %d ended: %s (%s)", number, fault.value, result.exit)
@@ -602,6 +618,10 @@ class Watchdog:
                 budget = D.pause_budget(self._time_left(), self.current_costs(), self._backlog(),
                                         self.cfg.watch.stop_grace_s)  # fmt: skip
                 attempt.pause(reason, "pause requested", budget)
+                if self._link is not None:  # every node's group saves and stops too
+                    self._link.stop_all(reason.value, pause=True)
+            if self._link is not None and attempt.fault is None:
+                self._node_failed(attempt)
             if rc is not None:
                 break
             if attempt.fault is None and time.monotonic() >= next_disk:
@@ -610,11 +630,75 @@ class Watchdog:
             self._periodic(attempt)
             attempt.enforce(self._pause_grace() if attempt.fault is not None and attempt.fault.external else None)
             time.sleep(self.cfg.watch.poll_interval_s)
+        ends = self._gather_nodes(attempt) if self._link is not None else None
         result, seen = attempt.finish(rc)
         self._take(seen, number)
         if attempt.pump.write_error is not None:
             raise attempt.pump.write_error
+        if ends is not None:
+            self._blame(result, ends)
         return result
+
+    # -- several nodes (this supervisor leads: nodes.py) ------------------------------------------
+
+    def _publish(self, spec: AttemptSpec, record: CheckpointRecord | None) -> None:
+        """Make the attempt's checkpoint fetchable (its upload done), then publish the attempt for the others."""
+        if record is not None:
+            missing = self.store.drain(self.cfg.storage.drain_timeout_s)  # type: ignore[union-attr]
+            if missing:
+                log.warning("not yet in %s: %s; the other nodes wait for it", self.store.describe(), ", ".join(missing))
+        checkpoint = None if record is None else {"epoch": record.epoch, "path": record.path, "size": record.size,
+                                                  "sha256": record.sha256, "step": record.step}  # fmt: skip
+        plan = Plan(self.session, spec.attempt, spec.seed, spec.load_epoch, spec.batch_divisor, spec.load_step,
+                    checkpoint)  # fmt: skip
+        assert self.coord is not None
+        self.coord.put_plan(plan)
+        self.coord.set_session(self.session, L.STATUS_RUNNING, spec.attempt)
+
+    def _node_failed(self, attempt: Attempt) -> None:
+        """Another node's group failed first: end ours (torchrun would tear it down anyway, slower)."""
+        assert self._link is not None
+        for end in self._link.ends.values():
+            if end.fault is not None and not end.collateral:
+                attempt.set_fault(Fault(end.fault), plain(end), end.rank, end.node)
+                return
+
+    def _gather_nodes(self, attempt: Attempt) -> list[NodeEnd]:
+        """After our group ended: tell every node the attempt is over, wait for each node's report (a node silent
+        for node_timeout_s is lost), and take the last of rank 0's relayed events."""
+        assert self._link is not None and self.coord is not None
+        number, nodes = attempt.spec.attempt, range(1, self.cfg.trainer.nnodes)
+        why = attempt.fault.value if attempt.fault is not None else "its group on node 0 ended"
+        self._link.stop_all(why, pause=attempt.fault is not None and attempt.fault.pauses)
+        deadline = time.monotonic() + self.cfg.trainer.node_timeout_s
+        while set(nodes) - set(self._link.ends) and time.monotonic() < deadline and self._signals < 2:
+            self._last_tick = time.monotonic()
+            time.sleep(0.2)
+        self._link.close()
+        ends = self._link.ends
+        self._link = None
+        for node in nodes:
+            if node not in ends:
+                log.warning("attempt %d: node %d sent no report within %.0fs: taken as lost", number, node,
+                            self.cfg.trainer.node_timeout_s)  # fmt: skip
+                ends[node] = NodeEnd(node, Fault.SESSION_LOST.value, f"node {node} sent no report within "
+                                     f"{self.cfg.trainer.node_timeout_s:.0f}s (machine gone?)",
+                                     detected_at=time.time())  # fmt: skip
+        return [ends[n] for n in nodes]
+
+    def _blame(self, result: AttemptResult, ends: list[NodeEnd]) -> None:
+        """Name the node (and rank) whose fault ended the attempt: ours, or another node's when ours only followed
+        it (a peer gone). A group of ours that ended well (rank 0's work judged as on one node) stays so."""
+        if result.node is not None or result.fault is None:  # named during the watch, or no fault here
+            return
+        ours = NodeEnd(0, result.fault.value, result.detail, result.rank, result.exit, result.detected_at,
+                       tail=result.tail)  # fmt: skip
+        first = cause([ours, *ends])
+        if first is None or first.node == 0:
+            result.node = 0
+            return
+        result.fault, result.rank, result.node = Fault(first.fault), first.rank, first.node
+        result.detail, result.detected_at = f"{where(first.rank, first.node)}: {plain(first)}", first.detected_at
 
     def _write_params(self) -> None:
         data = json.dumps(self.cfg.trainer.params, indent=2, sort_keys=True).encode()
@@ -630,6 +714,11 @@ class Watchdog:
         if any(v is not None for v in costs.fields().values()):
             self.ledger.append(L.PLAN, **costs.fields(), every_s=self._interval, why=self._interval_why)
         self.ledger.append(L.RUN_ENDED, status=status, diagnosis=why, not_uploaded=missing)
+        if self.coord is not None:  # the followers end with the same status
+            try:
+                self.coord.set_session(self.session, status)
+            except StoreError as exc:
+                log.warning("cannot tell the other nodes that the run ended (%s): they stop after join_timeout_s", exc)
         if not missing:  # the last ledger line itself; after a drain that timed out it would time out too
             self.store.drain(min(budget, 30.0))
         log.info("run %s: %s (%s)", status, self.cfg.name, why)
