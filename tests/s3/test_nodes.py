@@ -24,18 +24,18 @@ NODE_TRAINER = DIST_TRAINER.replace("hit = rank == 1 and kind and", "hit = bool(
     'print(f"rank {rank} of {world}: epochs {start}..{epochs - 1}", flush=True)',
     'print(f"rank {rank} of {world}: epochs {start}..{epochs - 1} seed {env[\'SUPERVISOR_SEED\']} load "'
     ' f"{env.get(\'SUPERVISOR_LOAD_EPOCH\')} {env.get(\'SUPERVISOR_LOAD_SHA256\') or \'-\'}", flush=True)')
-assert NODE_TRAINER != DIST_TRAINER and "hit = bool(kind)" in NODE_TRAINER
+assert NODE_TRAINER != DIST_TRAINER and "hit = bool(kind)" in NODE_TRAINER and "time.sleep(0.03)" in NODE_TRAINER
 
 
 def node_toml(tmp_path: Path, node: int, port: int, storage: dict, local_addr: str, faults: str = "",
-              epochs: int = 4) -> Path:
+              epochs: int = 4, step_s: float = 0.03, node_timeout_s: float = 60.0) -> Path:
     home = tmp_path / f"node{node}"
     home.mkdir()
-    (home / "dist_trainer.py").write_text(NODE_TRAINER)
+    (home / "dist_trainer.py").write_text(NODE_TRAINER.replace("time.sleep(0.03)", f"time.sleep({step_s})"))
     tables = {
         "trainer": {"command": ["python", "dist_trainer.py"], "launcher": "torchrun", "nproc_per_node": 1,
-                    "nnodes": 2, "node_rank": node, "rdzv_endpoint": f"127.0.0.1:{port}", "node_timeout_s": 60.0,
-                    "local_addr": local_addr, "env": {"FAULTS": faults}},
+                    "nnodes": 2, "node_rank": node, "rdzv_endpoint": f"127.0.0.1:{port}", "local_addr": local_addr,
+                    "node_timeout_s": node_timeout_s, "env": {"FAULTS": faults}},
         "watch": {"heartbeat_timeout_s": 10.0, "startup_timeout_s": 120.0},
         "restart": {"backoff_initial_s": 0.05, "backoff_max_s": 0.2},
         "storage": storage,
@@ -89,3 +89,43 @@ def test_a_crash_on_node_1_restarts_both_nodes_with_the_same_seed_and_resume_poi
     final = json.loads((leader_runs / "checkpoints" / "epoch-0003.pt").read_text())
     assert final["trained"] == [0, 1, 2, 3] and final["world"] == 2
     assert not (follower_runs / "ledger.jsonl").exists()  # one record of the run: the leader's
+
+
+def test_a_node_that_disappears_is_a_fault_of_the_attempt_and_the_run_goes_on_when_it_is_back(weed, tmp_path):
+    """kill -9 of node 1's supervisor (its group dies with it): the leader names node 1 lost after node_timeout_s,
+    publishes the next attempt and waits in its rendezvous; a new supervisor on node 1 joins it, and the run
+    completes."""
+    import os
+    import signal
+
+    from conftest import ledger, wait_for
+
+    storage = storage_table(weed, f"nodes-{uuid.uuid4().hex[:8]}")
+    port = free_ports(1)[0]
+    # slow steps: node 1 dies mid-attempt; node 0 waits 5 s for its report
+    leader = node_toml(tmp_path, 0, port, storage, "127.0.0.1", epochs=3, step_s=0.3, node_timeout_s=5.0)
+    follower = node_toml(tmp_path, 1, port, storage, "localhost", epochs=3, step_s=0.3, node_timeout_s=5.0)
+    runs = tmp_path / "node0" / "runs" / "two-nodes"
+    lead = start_bg(leader)
+    gone = start_bg(follower)
+    back = None
+    try:
+        wait_for(lambda: any(f["fact"] == "checkpoint" for f in ledger(runs)) if (runs / "ledger.jsonl").exists()
+                 else False, timeout=180, what="the first checkpoint")  # fmt: skip
+        os.kill(gone.pid, signal.SIGKILL)
+        gone.wait(timeout=10)
+        wait_for(lambda: any(f["fact"] == "attempt_ended" for f in ledger(runs)), timeout=120, what="node 1 lost")
+        back = start_bg(follower)
+        _, err = lead.communicate(timeout=300)
+        assert lead.returncode == 0, err[-4000:]
+        back.communicate(timeout=60)
+        assert back.returncode == 0
+    finally:
+        for p in (lead, gone, back):
+            if p is not None:
+                p.kill()
+    rep = report(leader)
+    lost = rep["attempts"][0]
+    assert rep["status"] == "completed" and lost["ended_by"] == "session lost" and lost["node"] == 1, lost
+    assert "no report within 5s" in lost["detail"]
+    assert [r["reason"] for r in rep["restarts"]] == ["normal start", "session lost"]
