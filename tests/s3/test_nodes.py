@@ -129,3 +129,39 @@ def test_a_node_that_disappears_is_a_fault_of_the_attempt_and_the_run_goes_on_wh
     assert rep["status"] == "completed" and lost["ended_by"] == "session lost" and lost["node"] == 1, lost
     assert "no report within 5s" in lost["detail"]
     assert [r["reason"] for r in rep["restarts"]] == ["normal start", "session lost"]
+
+
+def test_a_sigterm_to_the_leader_pauses_every_node_and_both_continue_from_the_store(weed, tmp_path):
+    """SIGTERM to node 0's supervisor: its group and node 1's stop, the run ends paused, both supervisors exit 75;
+    started again, they go on from the newest checkpoint and complete."""
+    import os
+    import signal
+
+    from conftest import ledger, wait_for
+
+    storage = storage_table(weed, f"nodes-{uuid.uuid4().hex[:8]}")
+    port = free_ports(1)[0]
+    leader = node_toml(tmp_path, 0, port, storage, "127.0.0.1", epochs=3, step_s=0.3)
+    follower = node_toml(tmp_path, 1, port, storage, "localhost", epochs=3, step_s=0.3)
+    runs = tmp_path / "node0" / "runs" / "two-nodes"
+    procs = [start_bg(leader), start_bg(follower)]
+    try:
+        wait_for(lambda: any(f["fact"] == "checkpoint" for f in ledger(runs)) if (runs / "ledger.jsonl").exists()
+                 else False, timeout=180, what="the first checkpoint")  # fmt: skip
+        os.kill(procs[0].pid, signal.SIGTERM)
+        for p in procs:
+            p.communicate(timeout=120)
+        assert [p.returncode for p in procs] == [75, 75]
+        assert report(leader)["status"] == "paused"
+        procs = [start_bg(leader), start_bg(follower)]
+        outs = [p.communicate(timeout=300) for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outs[0][1][-3000:]
+    finally:
+        for p in procs:
+            p.kill()
+    rep = report(leader)
+    assert rep["status"] == "completed"
+    assert rep["attempts"][0]["ended_by"] == "stopped" and rep["attempts"][0]["node"] == 0
+    assert rep["restarts"][1]["load_epoch"] >= 0  # went on from a checkpoint, not from scratch
+    final = json.loads((runs / "checkpoints" / "epoch-0002.pt").read_text())
+    assert final["trained"] == [0, 1, 2]
