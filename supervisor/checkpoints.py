@@ -121,6 +121,9 @@ class Announced:
     data: dict[str, Any]
     step: int | None = None
     noun: str = "epoch"
+    # The training since the attempt's previous summary (an epoch's end, a checkpoint of a run of steps): mean
+    # finite loss, last learning rate, steps; None for a mid-epoch checkpoint or when no step reported a loss.
+    summary: dict[str, Any] | None = None
 
     @property
     def position(self) -> tuple[int, int]:
@@ -191,6 +194,8 @@ class EventRules:
         self.last_step_t: float | None = None
         self.marks: dict[tuple[int, int], Mark] = {}
         self.step_times: deque[float] = deque(maxlen=256)  # the latest steps' times: time per step, save costs
+        self._losses: list[float] = []  # finite step losses since the last summary
+        self._lr: float | None = None  # the learning rate the last step reported
 
     @property
     def start(self) -> tuple[int, int]:
@@ -254,13 +259,19 @@ class EventRules:
             loss = ev.loss
             if loss is None:
                 self.no_loss += 1
-            elif not math.isfinite(loss):
+            elif math.isfinite(loss):
+                self._losses.append(loss)
+            if loss is not None and not math.isfinite(loss):
                 shown = str(d.get("loss"))
                 shown = shown if len(shown) <= 40 else f"{shown[:20]}...({len(shown)} characters)"
                 where = f"step {pos}" if self.by_steps else f"epoch {ev.epoch} step {d.get('step')}"
                 out.fault = (Fault.NAN, f"training loss {shown} at {where}")
-            elif self.by_steps and pos is not None and self.in_range(pos + 1):
+            if loss is not None and math.isfinite(loss) and self.by_steps and pos is not None and self.in_range(
+                    pos + 1):  # fmt: skip
                 self.epoch = max(self.epoch, pos + 1)  # step S done: S+1 in progress
+            lr = P.to_number(d.get("lr"))
+            if lr is not None and math.isfinite(lr):
+                self._lr = lr
         elif ev.kind == P.EVENT_EVAL:
             metrics = d.get("metrics") if isinstance(d.get("metrics"), dict) else {}
             numbers = {k: P.to_number(v) for k, v in metrics.items()}
@@ -277,7 +288,17 @@ class EventRules:
         """A checkpoint of `epoch`'s end found without an announcement (zero-code mode)."""
         self.epoch = max(self.epoch, epoch + 1)
         self.marks[position(epoch, None)] = Mark(self.steps, t)
-        return Announced(epoch, path, {}, None, self.noun)
+        return Announced(epoch, path, {}, None, self.noun, self.summarize())
+
+    def summarize(self) -> dict[str, Any] | None:
+        """The training since the last summary (mean finite loss, last learning rate, steps), and start anew."""
+        losses, self._losses = self._losses, []
+        if not losses:
+            return None
+        out: dict[str, Any] = {"loss": sum(losses) / len(losses), "steps": len(losses)}
+        if self._lr is not None:
+            out["lr"] = self._lr
+        return out
 
     def _checkpoint(self, ev: P.Event, t: float) -> Observed:
         out = Observed()
@@ -302,7 +323,8 @@ class EventRules:
         if pos not in self.announced:
             self.announced.add(pos)
             self.epoch = max(self.epoch, ev.epoch + 1 if step is None else ev.epoch)
-            out.checkpoints.append(Announced(ev.epoch, path, ev.data, step))
+            out.checkpoints.append(Announced(ev.epoch, path, ev.data, step,
+                                             summary=self.summarize() if step is None else None))
         return out
 
     def _step_run_checkpoint(self, ev: P.Event, t: float, raw: Any) -> Observed:
@@ -323,5 +345,5 @@ class EventRules:
         if pos not in self.announced:
             self.announced.add(pos)
             self.epoch = max(self.epoch, step + 1)
-            out.checkpoints.append(Announced(step, path, ev.data, None, self.noun))
+            out.checkpoints.append(Announced(step, path, ev.data, None, self.noun, self.summarize()))
         return out

@@ -54,6 +54,11 @@ class RunLayout:
         return self.root / "STOP"
 
     @property
+    def live(self) -> Path:
+        """What the watchdog is doing now (rewritten every few seconds while it runs): `supervisor status`."""
+        return self.root / "live.json"
+
+    @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
 

@@ -35,6 +35,7 @@ METRICS = "metrics"
 RUN_ENDED = "run_ended"
 NOTE = "note"
 WORK_LOST = "work_lost"  # attempt, steps, seconds, resume_epoch, resume_step: trained after the resume point
+TRAIN = "train"  # epoch (position), loss, lr, steps: the training that led to a verified checkpoint
 PLAN = "plan"  # measured costs (step_s, save_s, size, upload_bps) and the checkpoint interval chosen
 
 STATUS_RUNNING = "running"
@@ -203,6 +204,7 @@ class RunView:
     attempts: list[AttemptView] = field(default_factory=list)
     checkpoints: dict[int, CheckpointRecord] = field(default_factory=dict)
     metrics: dict[int, dict[str, Any]] = field(default_factory=dict)
+    train: dict[int, dict[str, Any]] = field(default_factory=dict)  # position -> loss, lr, steps (TRAIN facts)
     status: str = STATUS_RUNNING
     diagnosis: str | None = None
     high_water: int = -1
@@ -342,6 +344,8 @@ def _apply(view: RunView, by_id: dict[int, AttemptView], f: dict[str, Any]) -> N
         a.lost_steps, a.lost_s = _int(f["steps"]), float(f["seconds"])
     elif kind == PLAN:
         view.plan = {k: v for k, v in f.items() if k not in ("fact", "ts")}
+    elif kind == TRAIN:
+        view.train[_int(f["epoch"])] = {k: f[k] for k in ("loss", "lr", "steps") if f.get(k) is not None}
     elif kind == METRICS:
         metrics = f.get("metrics", {})
         if not isinstance(metrics, dict):

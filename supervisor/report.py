@@ -76,6 +76,7 @@ def build(run_dir: Path, name: str, running: bool, best_metric: str | None = Non
                           "costs": {k: plan.get(k) for k in ("step_s", "save_s", "stall_s", "size", "upload_bps")}},
         "best": best,
         "metrics": {e: {k: _finite(v) for k, v in m.items()} for e, m in sorted(view.metrics.items())},
+        "train": {e: {k: _finite(v) for k, v in t.items()} for e, t in sorted(view.train.items())},
         "attempts": attempts,
     }
 

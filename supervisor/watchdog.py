@@ -49,6 +49,7 @@ EXIT_COMPLETED, EXIT_GAVE_UP, EXIT_USAGE, EXIT_PAUSED = 0, 1, 2, 75
 # A watch loop that did not run for this long was frozen; after it, the fencing question waits up to
 # FENCE_WAIT_S for the lease thread (which wakes with it and renews at once) before anything is written.
 FROZEN_S, FENCE_WAIT_S = 2.0, 3.0
+LIVE_EVERY_S = 2.0  # live.json (supervisor status) is rewritten this often during an attempt
 
 
 class LockHeld(RuntimeError):
@@ -259,6 +260,8 @@ class Watchdog:
             rel = str(announced.path.resolve())
         at = {} if step is None else {"step": step}
         self.ledger.append(L.CHECKPOINT, epoch=epoch, **at, path=rel, size=size, sha256=digest, attempt=attempt)
+        if announced.summary is not None:
+            self.ledger.append(L.TRAIN, epoch=epoch, **announced.summary)
         if step is None and epoch > self._high_water_at_start:
             self._attempt_progressed = True
         self.costs.size = size
@@ -363,6 +366,7 @@ class Watchdog:
             self.store.close()
             with contextlib.suppress(OSError):
                 self.layout.holder.unlink(missing_ok=True)
+                self.layout.live.unlink(missing_ok=True)
             with contextlib.suppress(OSError):
                 lock.release()
 
@@ -605,7 +609,7 @@ class Watchdog:
         """The watch loop: take what the attempt observed, ask it to stop when a pause is due, until it ends.
         Nothing here waits on the store or the network."""
         number = attempt.spec.attempt
-        next_disk = self._last_tick = time.monotonic()
+        next_disk = next_live = self._last_tick = time.monotonic()
         while True:
             self._check_fence()
             seen, rc = attempt.poll()
@@ -628,6 +632,9 @@ class Watchdog:
                 next_disk = time.monotonic() + 2.0
                 self.guard_disk(attempt)
             self._periodic(attempt)
+            if time.monotonic() >= next_live:
+                next_live = time.monotonic() + LIVE_EVERY_S
+                self._write_live(attempt)
             attempt.enforce(self._pause_grace() if attempt.fault is not None and attempt.fault.external else None)
             time.sleep(self.cfg.watch.poll_interval_s)
         ends = self._gather_nodes(attempt) if self._link is not None else None
@@ -699,6 +706,24 @@ class Watchdog:
             return
         result.fault, result.rank, result.node = Fault(first.fault), first.rank, first.node
         result.detail, result.detected_at = f"{where(first.rank, first.node)}: {plain(first)}", first.detected_at
+
+    def _write_live(self, attempt: Attempt) -> None:
+        """live.json: the figures only this process knows (pace, the session's end, uploads still to send), for
+        `supervisor status`; a local write, and a failed one costs nothing but the figure."""
+        rules = attempt.rules
+        times = list(rules.step_times)
+        pace = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
+        live = {
+            "t": time.time(), "pid": os.getpid(), "attempt": attempt.spec.attempt, "seed": attempt.spec.seed,
+            "unit": self.cfg.unit, "span": self.cfg.span, "position": rules.epoch, "steps": rules.steps,
+            "started": self._launched_wall, "steps_per_s": None if pace is None else round(pace, 3),
+            "session_end": self.platform.session_end, "platform": self.platform.name,
+            "deadline": self._deadline, "backlog_bytes": self._backlog(), "upload_bps": self.store.upload_rate(),
+            "state": attempt.state, "fault": attempt.fault.value if attempt.fault else None,
+        }  # fmt: skip
+        with contextlib.suppress(OSError, ValueError):
+            data = json.dumps(live).encode()
+            atomic_write(self.layout.live, lambda f: f.write(data))
 
     def _write_params(self) -> None:
         data = json.dumps(self.cfg.trainer.params, indent=2, sort_keys=True).encode()
