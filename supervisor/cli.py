@@ -140,18 +140,125 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+def _store_url(target: str) -> bool:
+    return target.startswith(("s3://", "file://"))
+
+
+def _settings(url: str, endpoint: str | None):
+    from supervisor.store.settings import StorageSettings
+
+    return StorageSettings(url=url, endpoint_url=endpoint or os.environ.get("AWS_ENDPOINT_URL") or None,
+                           addressing_style="path" if endpoint or os.environ.get("AWS_ENDPOINT_URL") else "auto")
+
+
+def _report_of(target: str, endpoint: str | None, name: str | None = None) -> dict | str:
+    """The report of one run (a run.toml, a run dir, or a store url of a run): the dict, or why there is none.
+    A run.toml whose run dir is gone is read from its store."""
+    from supervisor import ledger as L
+    from supervisor import report
+    from supervisor.lineage import Runs
+    from supervisor.store import StoreError
+
+    cfg, metric, mode, running = None, None, "max", False
+    if _store_url(target):
+        prefix, _, name = target.rstrip("/").rpartition("/")
+        runs = Runs(_settings(prefix, endpoint))
+        facts = runs.facts(name)
+        where = f"{prefix}/{name}"
+    elif Path(target).is_dir():
+        run_dir = Path(target).resolve()
+        name, runs = run_dir.name, Runs(folder=run_dir.parent)
+        facts, where = L.read_facts(run_dir / L.LEDGER_NAME) if (run_dir / L.LEDGER_NAME).exists() else None, run_dir
+    else:
+        cfg = load_config(Path(target))
+        run_dir, name, runs = cfg.resolved_run_dir(), cfg.name, Runs.beside(cfg)
+        metric, mode, running = cfg.checkpoints.best_metric, cfg.checkpoints.best_mode, _holder(run_dir) is not None
+        try:
+            facts = L.read_facts(run_dir / L.LEDGER_NAME) if (run_dir / L.LEDGER_NAME).exists() else runs.facts(name)
+        except StoreError as exc:
+            return f"run '{name}': no ledger in {run_dir}, and its store cannot be read: {exc}"
+        where = f"{run_dir} or {runs.describe()}" if cfg.storage else run_dir
+    if not facts:
+        return f"{where} holds no run (no ledger.jsonl); pass a run.toml, a run dir or a store url of a run"
+    return report.from_facts(facts, name, running, metric, mode, runs)
+
+
 def cmd_report(args: argparse.Namespace) -> int:
     from supervisor import report
+    from supervisor.store import StoreError
 
-    cfg, run_dir, name = _resolve(args.run)
+    try:
+        if args.all:
+            return _report_all(args)
+        rep = _report_of(args.run, args.endpoint_url)
+    except StoreError as exc:
+        return _fail(str(exc))
+    if isinstance(rep, str):
+        return _fail(rep)
+    sys.stdout.write(report.render(rep, args.format))
+    return 0
+
+
+def _report_all(args: argparse.Namespace) -> int:
+    """The whole experiment log of a store or a folder: the index table, then every run."""
+    from supervisor import record, report
+    from supervisor.lineage import Runs
+
+    target = args.run
+    if _store_url(target):
+        runs = Runs(_settings(target.rstrip("/"), args.endpoint_url))
+    elif Path(target).is_dir():
+        runs = Runs(folder=Path(target).resolve())
+    else:
+        runs = Runs.beside(load_config(Path(target)))
+    reps = []
+    for name in runs.names():
+        facts = runs.facts(name)
+        if facts:
+            running = runs.run_dir(name) is not None and _holder(runs.run_dir(name)) is not None  # type: ignore[arg-type]
+            reps.append(report.from_facts(facts, name, running, runs=runs))
+    if not reps:
+        return _fail(f"no run in {runs.describe()} (no ledger.jsonl in any run folder)")
+    reps.sort(key=lambda r: ((r.get("dates") or {}).get("started") or 0, r["name"]))
+    if args.format == "json":
+        sys.stdout.write(json.dumps({"runs": reps}, indent=2, allow_nan=False, default=str) + "\n")
+        return 0
+    sys.stdout.write("# Experiment log\n\n" + record.index(reps) + "".join("\n" + report.to_markdown(r) for r in reps))
+    return 0
+
+
+def cmd_note(args: argparse.Namespace) -> int:
+    """A line for the run's record: into its ledger now, or through its inbox when a supervisor drives it."""
+    from filelock import FileLock, Timeout
+
+    from supervisor import ledger as L
+    from supervisor.durable import atomic_write
     from supervisor.layout import RunLayout
 
-    if not RunLayout(run_dir).ledger.exists():
+    cfg, run_dir, name = _resolve(args.run)
+    text = " ".join(args.text).strip()
+    if not text:
+        return _fail("note: the text is empty; supervisor note RUN \"what you want the record to say\"")
+    layout = RunLayout(run_dir)
+    if not layout.ledger.exists():
         return _fail(f"{run_dir} holds no run (no ledger.jsonl); pass a run.toml or a run dir")
-    metric = cfg.checkpoints.best_metric if cfg else None
-    mode = cfg.checkpoints.best_mode if cfg else "max"
-    rep = report.build(run_dir, name, _holder(run_dir) is not None, metric, mode)
-    sys.stdout.write(report.render(rep, args.format))
+    lock = FileLock(str(layout.lock))
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:  # a supervisor drives it: the one writer of its ledger takes the note within seconds
+        layout.inbox.mkdir(exist_ok=True)
+        data = json.dumps({"note": text}).encode()
+        atomic_write(layout.inbox / f"note-{time.time_ns()}-{os.getpid()}.json", lambda f: f.write(data))
+        print(f"noted for run '{name}' (its supervisor records it within seconds)")
+        return 0
+    try:
+        ledger = L.Ledger(layout.ledger)
+        ledger.open()
+        ledger.append(L.NOTE, by="user", note=text)
+    finally:
+        lock.release()
+    where = " (the store's copy gets it at the run's next start)" if cfg is not None and cfg.storage else ""
+    print(f"noted in {layout.ledger}{where}")
     return 0
 
 
@@ -198,10 +305,19 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("run", help="run.toml or run dir")
     s.add_argument("--json", action="store_true")
     s.set_defaults(func=cmd_status)
-    s = sub.add_parser("report", help="restart table, checkpoints, best metrics")
-    s.add_argument("run", help="run.toml or run dir")
+    s = sub.add_parser("report", help="the run's record: dates, purpose, notes, params and changes, best metrics "
+                       "against baselines, restarts")  # fmt: skip
+    s.add_argument("run", help="run.toml, run dir, or a store url of a run (s3://bucket/prefix/NAME)")
     s.add_argument("--format", choices=("md", "json"), default="md")
+    s.add_argument("--all", action="store_true", help="RUN is a store url, a runs folder or a run.toml: every run "
+                   "there, an index table first")  # fmt: skip
+    s.add_argument("--endpoint-url", help="the S3 endpoint of a store url (default: $AWS_ENDPOINT_URL)")
     s.set_defaults(func=cmd_report)
+    s = sub.add_parser("note", help="add a line to the run's record (its notes)")
+    s.add_argument("run", help="run.toml or run dir")
+    s.add_argument("text", nargs="+", help="the note")
+    s.set_defaults(func=cmd_note)
+
     s = sub.add_parser("stop", help="pause a running run gracefully")
     s.add_argument("run", help="run.toml or run dir")
     s.add_argument("--wait", type=float, default=60.0, help="seconds to wait for the pause (0: do not wait)")

@@ -29,6 +29,7 @@ from supervisor.protocol import (
     DEFAULT_STEP_RUN_PATTERN,
     checkpoint_regex,
 )
+from supervisor.recordcfg import EarlyStopRule, InitConfig, RecordConfig
 from supervisor.store.settings import StorageSettings
 
 PLACEHOLDERS = (
@@ -438,6 +439,9 @@ class RunConfig(_Strict):
     checkpoints: CheckpointsConfig = Field(default_factory=CheckpointsConfig)
     storage: StorageSettings | None = None
     platform: PlatformConfig = Field(default_factory=PlatformConfig)
+    record: RecordConfig = Field(default_factory=RecordConfig)
+    init: InitConfig | None = None
+    early_stop: list[EarlyStopRule] = Field(default_factory=list)
     # Where run.toml lives; relative paths resolve against it. Set by load_config, not by users.
     base_dir: Path = Field(default=Path("."), exclude=True)
 
@@ -474,6 +478,14 @@ class RunConfig(_Strict):
         if c.file is not None and self.trainer.mode != "zero-code":
             raise ValueError("checkpoints.file: only for trainer.mode = \"zero-code\" (a protocol trainer announces "
                              "its checkpoints); remove it or set the mode")  # fmt: skip
+        if self.init is not None:
+            if (self.init.step is not None) != (field == "step"):
+                raise ValueError(f"init: this run counts {field}s: give the parent's checkpoint as `{field} = ...`")
+            if self.init.from_run == self.name:
+                raise ValueError("init.from_run: names this run itself; name the run to start from")
+        for rule in self.early_stop:
+            if rule.at is not None and rule.at >= self.span:
+                raise ValueError(f"early_stop: at = {rule.at} is past the run's last {field} ({self.span - 1})")
         if self.trainer.nnodes > 1 and self.storage is None:
             raise ValueError("storage: several nodes agree on every attempt through the run's store; give every "
                              "node the same [storage] url (s3://bucket/prefix, or file:// on a shared filesystem)")

@@ -54,6 +54,11 @@ class RunLayout:
         return self.root / "STOP"
 
     @property
+    def inbox(self) -> Path:
+        """Notes for the ledger from other processes (`supervisor note` while the run is running)."""
+        return self.root / "inbox"
+
+    @property
     def live(self) -> Path:
         """What the watchdog is doing now (rewritten every few seconds while it runs): `supervisor status`."""
         return self.root / "live.json"

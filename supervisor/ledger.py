@@ -35,6 +35,7 @@ METRICS = "metrics"
 RUN_ENDED = "run_ended"
 NOTE = "note"
 WORK_LOST = "work_lost"  # attempt, steps, seconds, resume_epoch, resume_step: trained after the resume point
+EARLY_STOP = "early_stop"  # rule, metric, value, epoch: an [[early_stop]] rule ended the run
 TRAIN = "train"  # epoch (position), loss, lr, steps: the training that led to a verified checkpoint
 PLAN = "plan"  # measured costs (step_s, save_s, size, upload_bps) and the checkpoint interval chosen
 
@@ -42,6 +43,7 @@ STATUS_RUNNING = "running"
 STATUS_PAUSED = "paused"
 STATUS_COMPLETED = "completed"
 STATUS_GAVE_UP = "gave up"
+STATUS_EARLY_STOPPED = "early stopped"
 
 
 class Fenced(RuntimeError):
@@ -205,6 +207,16 @@ class RunView:
     checkpoints: dict[int, CheckpointRecord] = field(default_factory=dict)
     metrics: dict[int, dict[str, Any]] = field(default_factory=dict)
     train: dict[int, dict[str, Any]] = field(default_factory=dict)  # position -> loss, lr, steps (TRAIN facts)
+    # The record (docs/record.md): the last session's params, [record] and [init]; when sessions started (unix);
+    # the user's notes (ts, text); the parent checkpoint a run started from; the early stop that ended it.
+    params: dict[str, Any] = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict)
+    init: dict[str, Any] | None = None
+    sessions: list[float] = field(default_factory=list)
+    notes: list[tuple[float, str]] = field(default_factory=list)
+    parent: dict[str, Any] | None = None
+    early_stop: dict[str, Any] | None = None
+    ended_at: float | None = None
     status: str = STATUS_RUNNING
     diagnosis: str | None = None
     high_water: int = -1
@@ -215,6 +227,11 @@ class RunView:
     plan: dict[str, Any] = field(default_factory=dict)  # the last `plan` fact's fields
     unit: str = "epochs"  # what positions count (session_started's `unit`): "epochs", or "steps" where every
     # `epoch` field of a fact (checkpoint, metrics, attempts' load/start/failed epoch) holds a global step count
+
+    @property
+    def noun(self) -> str:
+        """What a position is called: "step" in a run of steps, else "epoch"."""
+        return "step" if self.unit == "steps" else "epoch"
 
     def newest(self) -> CheckpointRecord | None:
         """The newest verified checkpoint, mid-epoch or not (training order)."""
@@ -326,6 +343,8 @@ def _apply(view: RunView, by_id: dict[int, AttemptView], f: dict[str, Any]) -> N
         else:
             view.partials[(rec.epoch, step)] = rec
         view.removed = [r for r in view.removed if r != (rec.epoch, rec.sha256)]
+        if isinstance(f.get("from_run"), str):  # [init]: the parent's checkpoint this run started from
+            view.parent = {"run": f["from_run"], view.noun: rec.epoch, "sha256": rec.sha256}
     elif kind in (CHECKPOINT_REMOVED, CHECKPOINT_UNAVAILABLE):
         epoch = _int(f["epoch"])
         step = None if f.get("step") is None else _int(f["step"])
@@ -339,6 +358,16 @@ def _apply(view: RunView, by_id: dict[int, AttemptView], f: dict[str, Any]) -> N
     elif kind == SESSION_STARTED:
         if f.get("unit") in ("epochs", "steps"):
             view.unit = f["unit"]
+        view.sessions.append(float(f.get("ts", 0.0)))
+        for key in ("params", "record"):
+            if isinstance(f.get(key), dict):
+                setattr(view, key, dict(f[key]))
+        view.init = dict(f["init"]) if isinstance(f.get("init"), dict) else None
+    elif kind == NOTE:
+        if f.get("by") == "user" and isinstance(f.get("note"), str):
+            view.notes.append((float(f.get("ts", 0.0)), f["note"]))
+    elif kind == EARLY_STOP:
+        view.early_stop = {k: f.get(k) for k in ("rule", "metric", "value", "epoch")}
     elif kind == WORK_LOST:
         a = by_id[_int(f["attempt"])]
         a.lost_steps, a.lost_s = _int(f["steps"]), float(f["seconds"])
@@ -353,6 +382,7 @@ def _apply(view: RunView, by_id: dict[int, AttemptView], f: dict[str, Any]) -> N
         view.metrics[_int(f["epoch"])] = dict(metrics)
     elif kind == RUN_ENDED:
         view.status = str(f["status"])
+        view.ended_at = float(f.get("ts", 0.0))
         view.diagnosis = f.get("diagnosis") if isinstance(f.get("diagnosis"), str) else None
         if view.status == STATUS_GAVE_UP:
             view.budget_start = len(view.attempts)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass
+from typing import Any
 
 from supervisor.config import RestartConfig
 from supervisor.faults import NORMAL_START, Fault
-from supervisor.ledger import STATUS_GAVE_UP, AttemptView, RunView
+from supervisor.ledger import STATUS_COMPLETED, STATUS_GAVE_UP, AttemptView, RunView
+from supervisor.recordcfg import EarlyStopRule
 
 # Faults that are not the trainer's doing: they pause or resume, and spend no restart budget.
 EXTERNAL = frozenset(f for f in Fault if f.external)
@@ -50,7 +52,42 @@ class Complete:
     pass
 
 
-Decision = Launch | Pause | GiveUp | Complete
+@dataclass(frozen=True)
+class EarlyStop:
+    """An [[early_stop]] rule fired: the run ends, status "early stopped" (exit 0)."""
+
+    diagnosis: str
+
+
+Decision = Launch | Pause | GiveUp | Complete | EarlyStop
+# The reason of the first attempt of a finished run given more epochs (or steps): it goes on from its last one.
+EXTENDED = "extended"
+
+
+def early_stop(metrics: dict[int, dict[str, Any]], rules: list[EarlyStopRule], noun: str = "epoch"
+               ) -> tuple[EarlyStopRule, dict[str, Any]] | None:  # fmt: skip
+    """The first rule the eval metrics (position -> {name: value}) make fire, with what fired it (rule, metric,
+    value, epoch); None while none does. A threshold is judged on the first evaluation at or after its `at`;
+    a patience counts evaluations of the metric since its best (an improvement beats it by more than min_delta)."""
+    for rule in rules:
+        series = [(pos, float(m[rule.metric])) for pos, m in sorted(metrics.items())
+                  if isinstance(m.get(rule.metric), (int, float)) and not isinstance(m.get(rule.metric), bool)]
+        if rule.patience is not None:
+            best, since = None, 0
+            for pos, value in series:
+                better = best is None or (value > best + rule.min_delta if rule.improves == "max"
+                                          else value < best - rule.min_delta)  # fmt: skip
+                best, since = (value, 0) if better else (best, since + 1)
+                if since >= rule.patience:
+                    return rule, {"rule": rule.describe(noun), "metric": rule.metric, "value": value, "epoch": pos}
+            continue
+        judged = next(((pos, v) for pos, v in series if pos >= (rule.at or 0)), None)
+        if judged is None:
+            continue
+        pos, value = judged
+        if (rule.below is not None and value < rule.below) or (rule.above is not None and value > rule.above):
+            return rule, {"rule": rule.describe(noun), "metric": rule.metric, "value": value, "epoch": pos}
+    return None
 
 
 def derived_seed(name: str, n: int) -> int:
@@ -144,8 +181,11 @@ def first_launch(view: RunView, pool: list[int], name: str, epochs: int) -> Deci
     last = view.last
     seed = next_seed(pool, view.seeds_used, name)
     divisor = last.batch_divisor if last else 1
-    if last is None:
-        return Launch(load_epoch=-1, seed=seed, reason=NORMAL_START)
+    if last is None:  # a fresh start, or from the parent's checkpoint ([init]) recorded before any attempt
+        return Launch(load_epoch=max(view.checkpoints, default=-1), seed=seed, reason=NORMAL_START)
+    if view.status == STATUS_COMPLETED and last.fault is None:  # finished, then given more epochs: go on
+        return Launch(load_epoch=resume_epoch(view, before=epochs), seed=seed, reason=EXTENDED,
+                      batch_divisor=divisor)  # fmt: skip
     fault = _fault_of(last) or Fault.SESSION_LOST
     exact = exact_resume(view, fault) if view.status != STATUS_GAVE_UP else None
     if exact is not None:

@@ -9,7 +9,9 @@ from pathlib import Path
 from typing import Any
 
 from supervisor import ledger as L
+from supervisor import record
 from supervisor.layout import RunLayout
+from supervisor.lineage import Runs
 from supervisor.monitors.events import EventTail
 from supervisor.protocol import EVENT_STEP
 
@@ -18,22 +20,23 @@ def _finite(x: Any) -> Any:
     return None if isinstance(x, float) and not math.isfinite(x) else x
 
 
-def build(run_dir: Path, name: str, running: bool, best_metric: str | None = None, mode: str = "max") -> dict:
-    """The report as one JSON-able object (fixed surface: name, status, restarts, checkpoints, best). A run of
-    steps (`unit` "steps") names positions `step` where a run of epochs names them `epoch`."""
-    view = L.fold(L.read_facts(run_dir / L.LEDGER_NAME))
-    noun = "step" if view.unit == "steps" else "epoch"
+def build(run_dir: Path, name: str, running: bool, best_metric: str | None = None, mode: str = "max",
+          runs: Runs | None = None) -> dict:  # fmt: skip
+    """The report of the run in `run_dir` (see from_facts)."""
+    return from_facts(L.read_facts(run_dir / L.LEDGER_NAME), name, running, best_metric, mode, runs)
+
+
+def from_facts(facts: list[dict], name: str, running: bool, best_metric: str | None = None, mode: str = "max",
+               runs: Runs | None = None) -> dict:  # fmt: skip
+    """The report as one JSON-able object (fixed surface: name, status, restarts, checkpoints, best, and the
+    record's parent, params, param_changes, baselines, early_stop, work_lost). A run of steps (`unit` "steps")
+    names positions `step` where a run of epochs names them `epoch`. `runs`: where the parent and baselines are."""
+    view = L.fold(facts)
+    noun = view.noun
     status = L.STATUS_RUNNING if running else view.status
     if not running and status == L.STATUS_RUNNING and view.attempts:
         status = L.STATUS_PAUSED  # the supervisor vanished mid-run; the next start continues it
-    metrics = sorted({k for m in view.metrics.values() for k in m})
-    best: dict[str, dict[str, Any]] = {}
-    for metric in metrics:
-        lower = metric.lower()
-        m_mode = mode if metric == best_metric else ("min" if "loss" in lower else "max")
-        found = view.best(metric, m_mode)
-        if found:
-            best[metric] = {"value": found[0], noun: found[1], "mode": m_mode}
+    best = record.best_of(view, {best_metric: mode} if best_metric else None)
     attempts = []
     for a in view.attempts:
         if noun == "step":
@@ -60,7 +63,7 @@ def build(run_dir: Path, name: str, running: bool, best_metric: str | None = Non
             row["steps"] += a.lost_steps
             row["seconds"] = round(row["seconds"] + (a.lost_s or 0.0), 3)
     plan = view.plan
-    return {
+    return record.extend({
         "name": name,
         "unit": view.unit,
         "status": status,
@@ -78,19 +81,16 @@ def build(run_dir: Path, name: str, running: bool, best_metric: str | None = Non
         "metrics": {e: {k: _finite(v) for k, v in m.items()} for e, m in sorted(view.metrics.items())},
         "train": {e: {k: _finite(v) for k, v in t.items()} for e, t in sorted(view.train.items())},
         "attempts": attempts,
-    }
+    }, view, runs)
 
 
 def to_markdown(rep: dict) -> str:
     """The report as the markdown table the experiment log used to be kept in, by hand."""
     noun = "step" if rep.get("unit") == "steps" else "epoch"
-    out = [f"# {rep['name']}", "", f"* status: {rep['status']}"]
+    out = [f"# {rep['name']}", "", *record.header_lines(rep), f"* status: {rep['status']}"]
     if rep.get("diagnosis"):
-        out.append(f"* note: {rep['diagnosis']}")
-    for metric, b in rep["best"].items():
-        value = b["value"]
-        shown = f"{value * 100:.2f}%" if metric in ("AP50", "VOCmAP") else f"{value:.4g}"
-        out.append(f"* {b['mode']} {metric}: {shown} @ {noun} {b[noun]}")
+        out.append(f"* why it ended: {rep['diagnosis']}")
+    out += record.result_lines(rep)
     ck = rep["checkpoints"]
     out.append(f"* verified checkpoints: {', '.join(map(str, ck)) if ck else 'none'}")
     for m in rep.get("mid_epoch_checkpoints", []):

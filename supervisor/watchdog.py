@@ -27,6 +27,7 @@ from supervisor.checkpoints import (
     Announced,
     EventRules,
     Observed,
+    expected_path,
     hash_settled,
     position,
     remove_stale_temps,
@@ -35,6 +36,7 @@ from supervisor.config import RunConfig
 from supervisor.durable import atomic_write
 from supervisor.faults import Fault
 from supervisor.layout import RunLayout, describe_holder
+from supervisor.lineage import Runs
 from supervisor.monitors.disk import free_bytes
 from supervisor.monitors.events import EventTail
 from supervisor.nodes import Coordination, LeaderLink, NodeEnd, Plan, cause, new_session, plain
@@ -87,6 +89,7 @@ class Watchdog:
         self._interval_measured = False  # ... from measured costs (not the first probe)
         self._interval_why: str | None = None
         self._lost_rules: tuple[int, EventRules] | None = None  # a lost attempt's events, for its work lost
+        self._early: dict | None = None  # an [[early_stop]] rule that fired during the attempt
         self._earlier_costs = D.Costs()
         self.noun = "step" if cfg.unit == "steps" else "epoch"
         # Several nodes: this is the leader (node_rank 0); the others follow what it publishes (nodes.py).
@@ -424,8 +427,13 @@ class Watchdog:
             return EXIT_USAGE
         self._close_lost_attempt(view)
         view = self.view()
+        record = cfg.record.model_dump(exclude={"trackers", "mlflow_uri"})
+        init = None if cfg.init is None else cfg.init.model_dump(exclude_none=True)
         self.ledger.append(L.SESSION_STARTED, pid=os.getpid(), host=socket.gethostname(), version=__version__,
-                           store=self.store.describe(), platform=self.platform.name, unit=cfg.unit)  # fmt: skip
+                           store=self.store.describe(), platform=self.platform.name, unit=cfg.unit,
+                           params=cfg.trainer.params, record=record, init=init)  # fmt: skip
+        if (code := self._inherit()) is not None:
+            return code
         view = self.view()
         self._write_params()
         self._earlier_costs = D.Costs.from_plan(view.plan)
@@ -433,6 +441,9 @@ class Watchdog:
         decision = policy.first_launch(view, cfg.seeds.pool, cfg.name, cfg.span)
         if not cfg.checkpoints.require_last and view.status == L.STATUS_COMPLETED:
             decision = policy.Complete()  # it ended with an exit 0 before (require_last = false)
+        if view.status == L.STATUS_EARLY_STOPPED and (fired := self._early_fired(view)) is not None:
+            decision = policy.EarlyStop(f"{fired['rule']} (still: {fired['metric']} {fired['value']:g} at "
+                                        f"{self.noun} {fired['epoch']})")  # fmt: skip
         if self._lost_rules is not None:
             self._record_lost(*self._lost_rules, decision)
         while True:
@@ -445,6 +456,9 @@ class Watchdog:
             if isinstance(decision, policy.GiveUp):
                 log.error("giving up: %s", decision.diagnosis)
                 return self._end(L.STATUS_GAVE_UP, EXIT_GAVE_UP, decision.diagnosis)
+            if isinstance(decision, policy.EarlyStop):
+                log.info("early stop: %s", decision.diagnosis)
+                return self._end(L.STATUS_EARLY_STOPPED, EXIT_COMPLETED, decision.diagnosis)
             if decision.delay_s > 0:
                 log.info("waiting %.1fs before the next attempt", decision.delay_s)
                 if self._wait(decision.delay_s):
@@ -547,6 +561,11 @@ class Watchdog:
         self._attempt = None
         if fault is not None:
             log.info("attempt %d ended: %s (%s)", number, fault.value, result.exit)
+        if self._early is not None:
+            fired, self._early = self._early, None
+            self.ledger.append(L.EARLY_STOP, **fired)
+            return policy.EarlyStop(f"{fired['rule']} ({fired['metric']} {fired['value']:g} at {self.noun} "
+                                    f"{fired['epoch']})")  # fmt: skip
         decision = policy.decide(self.view(), cfg.restart, cfg.seeds.pool, cfg.name, cfg.span, random.random())
         self._record_lost(number, attempt.rules, decision)
         return decision
@@ -615,6 +634,10 @@ class Watchdog:
             seen, rc = attempt.poll()
             self._take(seen, number)
             self.record_hashed()
+            if seen.metrics and self.cfg.early_stop and attempt.fault is None and self._early is None:
+                self._early = self._early_fired(self.view())
+                if self._early is not None:
+                    attempt.pause(Fault.STOPPED, f"early stop: {self._early['rule']}", self.cfg.watch.stop_grace_s)
             if attempt.pump.write_error is not None:
                 raise attempt.pump.write_error
             if attempt.fault is None and (reason := self.stop_reason()) is not None:
@@ -635,6 +658,7 @@ class Watchdog:
             if time.monotonic() >= next_live:
                 next_live = time.monotonic() + LIVE_EVERY_S
                 self._write_live(attempt)
+                self.take_notes()
             attempt.enforce(self._pause_grace() if attempt.fault is not None and attempt.fault.external else None)
             time.sleep(self.cfg.watch.poll_interval_s)
         ends = self._gather_nodes(attempt) if self._link is not None else None
@@ -707,6 +731,65 @@ class Watchdog:
         result.fault, result.rank, result.node = Fault(first.fault), first.rank, first.node
         result.detail, result.detected_at = f"{where(first.rank, first.node)}: {plain(first)}", first.detected_at
 
+    def take_notes(self) -> None:
+        """Notes `supervisor note` left in the inbox while the run runs: into the ledger (by the one writer)."""
+        for path in sorted(self.layout.inbox.glob("note-*.json")):
+            try:
+                note = json.loads(path.read_text())["note"]
+            except (OSError, ValueError, KeyError, TypeError):
+                continue  # half-written (its writer renames it in whole) or foreign: left alone
+            self.ledger.append(L.NOTE, by="user", note=str(note))
+            path.unlink(missing_ok=True)
+
+    def _early_fired(self, view: L.RunView) -> dict | None:
+        """What fired the first [[early_stop]] rule the run's eval metrics make fire (rule, metric, value, epoch)."""
+        fired = policy.early_stop(view.metrics, self.cfg.early_stop, self.noun)
+        return None if fired is None else fired[1]
+
+    def _inherit(self) -> int | None:
+        """[init]: before the run's first attempt, take the parent run's verified checkpoint as this run's own
+        (copied or downloaded, its sha256 checked, recorded with `from_run`); an exit code when it cannot be had."""
+        init, view = self.cfg.init, self.view()
+        if init is None or view.attempts or view.checkpoints or view.partials:
+            return None
+        runs = Runs.beside(self.cfg)
+        try:
+            facts = runs.facts(init.from_run)
+        except StoreError as exc:
+            log.error("init.from_run: cannot read run '%s' in %s (%s): start again when the store answers",
+                      init.from_run, runs.describe(), exc)  # fmt: skip
+            return EXIT_PAUSED
+        if facts is None:
+            log.error("init.from_run: no run '%s' in %s: name a run of the same store (or runs folder)",
+                      init.from_run, runs.describe())  # fmt: skip
+            return EXIT_USAGE
+        parent = L.fold(facts)
+        record = parent.checkpoints.get(init.position)
+        if parent.unit != self.cfg.unit or record is None:
+            have = ", ".join(map(str, parent.verified_epochs())) or "none"
+            log.error("init: run '%s' has no verified checkpoint of %s %d (it counts %s; verified: %s): name one of "
+                      "them", init.from_run, self.noun, init.position, parent.unit, have)  # fmt: skip
+            return EXIT_USAGE
+        c = self.cfg.checkpoints
+        target = expected_path(c.pattern, init.position, self.layout.checkpoints, self.run_dir)
+        try:
+            whole = runs.fetch(init.from_run, record, target)
+        except StoreError as exc:
+            log.error("init: cannot fetch the checkpoint of run '%s' (%s): start again when the store answers",
+                      init.from_run, exc)  # fmt: skip
+            return EXIT_PAUSED
+        if not whole:
+            log.error("init: the checkpoint of %s %d of run '%s' is missing or corrupt in %s", self.noun,
+                      init.position, init.from_run, runs.describe())  # fmt: skip
+            return EXIT_USAGE
+        rel = target.relative_to(self.run_dir).as_posix()
+        self.ledger.append(L.CHECKPOINT, epoch=init.position, path=rel, size=record.size, sha256=record.sha256,
+                           attempt=-1, from_run=init.from_run)  # fmt: skip
+        self.store.checkpoint_verified(CheckpointRecord(init.position, rel, record.size, record.sha256), self.run_dir)
+        log.info("starting from run '%s' at %s %d (checkpoint sha256 %s... verified)", init.from_run, self.noun,
+                 init.position, record.sha256[:12])  # fmt: skip
+        return None
+
     def _write_live(self, attempt: Attempt) -> None:
         """live.json: the figures only this process knows (pace, the session's end, uploads still to send), for
         `supervisor status`; a local write, and a failed one costs nothing but the figure."""
@@ -738,6 +821,7 @@ class Watchdog:
         costs = self.current_costs()
         if any(v is not None for v in costs.fields().values()):
             self.ledger.append(L.PLAN, **costs.fields(), every_s=self._interval, why=self._interval_why)
+        self.take_notes()
         self.ledger.append(L.RUN_ENDED, status=status, diagnosis=why, not_uploaded=missing)
         if self.coord is not None:  # the followers end with the same status
             try:
