@@ -99,6 +99,21 @@ def _plan_warnings(cfg: RunConfig) -> list[str]:
     return out + plan_shortfalls(cfg, D.Costs.from_plan(L.fold(facts).plan))
 
 
+def _summary(cfg: RunConfig) -> None:
+    """At the end of `start`: the restart table and the best metrics, as the record has them now."""
+    from supervisor import report
+    from supervisor.layout import RunLayout
+
+    run_dir = cfg.resolved_run_dir()
+    if not RunLayout(run_dir).ledger.exists():
+        return
+    rep = report.build(run_dir, cfg.name, False, cfg.checkpoints.best_metric, cfg.checkpoints.best_mode)
+    md = report.to_markdown({**rep, "notes": [], "purpose": "", "params": {}, "param_changes": None,
+                             "parent": None, "checkpointing": {}})  # fmt: skip
+    keep = [line for line in md.splitlines() if line.startswith(("|", "* max", "* min", "* status", "* early"))]
+    sys.stderr.write("\n" + "\n".join(keep) + "\n")
+
+
 def cmd_start(args: argparse.Namespace) -> int:
     from supervisor.oserrors import describe_os_error
     from supervisor.store import StoreError
@@ -112,7 +127,9 @@ def cmd_start(args: argparse.Namespace) -> int:
             from supervisor.follower import Follower
 
             return Follower(cfg, store, echo=not args.quiet).run()
-        return Watchdog(cfg, store, echo=not args.quiet).run()
+        code = Watchdog(cfg, store, echo=not args.quiet).run()
+        _summary(cfg)
+        return code
     except LockHeld as exc:
         return _fail(str(exc))
     except TransientStoreError as exc:
