@@ -20,9 +20,7 @@ from pathlib import Path
 
 from supervisor import __version__
 from supervisor.config import ConfigError, RunConfig, load_config
-
-EXIT_USAGE = 2
-EXIT_PAUSED = 75
+from supervisor.exits import EXIT_PAUSED, EXIT_USAGE
 
 
 def _fail(message: str, code: int = EXIT_USAGE) -> int:

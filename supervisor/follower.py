@@ -18,6 +18,7 @@ from filelock import FileLock, Timeout
 from supervisor.attempt import Attempt, AttemptResult, AttemptSpec, event_rules
 from supervisor.config import RunConfig
 from supervisor.durable import atomic_write
+from supervisor.exits import EXIT_COMPLETED, EXIT_GAVE_UP, EXIT_PAUSED
 from supervisor.faults import Fault
 from supervisor.layout import RunLayout, describe_holder
 from supervisor.nodes import RUNNING, Coordination, FollowerLink, NodeEnd, Plan, Signals
@@ -27,7 +28,6 @@ from supervisor.watchdog import LockHeld
 
 log = logging.getLogger("supervisor")
 
-EXIT_COMPLETED, EXIT_GAVE_UP, EXIT_USAGE, EXIT_PAUSED = 0, 1, 2, 75
 EXITS = {"completed": EXIT_COMPLETED, "gave up": EXIT_GAVE_UP, "paused": EXIT_PAUSED}
 
 

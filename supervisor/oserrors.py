@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import errno
 
-EXIT_USAGE = 2
-EXIT_PAUSED = 75
+from supervisor.exits import EXIT_PAUSED, EXIT_USAGE
 
 # Conditions the user can clear without touching run.toml: a run pauses (exit 75) and the same
 # command continues it once they are cleared.

@@ -21,33 +21,33 @@ from filelock import FileLock, Timeout
 from supervisor import __version__, policy
 from supervisor import deadline as D
 from supervisor import ledger as L
-from supervisor.attempt import Attempt, AttemptResult, AttemptSpec, event_rules, where
+from supervisor.attempt import Attempt, AttemptResult, AttemptSpec, event_rules
 from supervisor.checkpoints import (
     ANNOUNCED_SETTLE_S,
     Announced,
     EventRules,
     Observed,
-    expected_path,
     hash_settled,
     position,
     remove_stale_temps,
 )
 from supervisor.config import RunConfig
 from supervisor.durable import atomic_write
+from supervisor.exits import EXIT_COMPLETED, EXIT_GAVE_UP, EXIT_PAUSED, EXIT_USAGE
 from supervisor.faults import Fault
 from supervisor.layout import RunLayout, describe_holder
-from supervisor.lineage import Runs
+from supervisor.leader import Leading
 from supervisor.monitors.disk import free_bytes
 from supervisor.monitors.events import EventTail
-from supervisor.nodes import Coordination, LeaderLink, NodeEnd, Plan, cause, new_session, plain
+from supervisor.nodes import Coordination, LeaderLink, new_session
 from supervisor.oserrors import describe_os_error
 from supervisor.platforms import Platform, detect
 from supervisor.platforms.notices import NoticePoller
+from supervisor.recording import Recording
 from supervisor.store.base import END_OF_EPOCH, CheckpointRecord, Store, StoreError
 
 log = logging.getLogger("supervisor")
 
-EXIT_COMPLETED, EXIT_GAVE_UP, EXIT_USAGE, EXIT_PAUSED = 0, 1, 2, 75
 # A watch loop that did not run for this long was frozen; after it, the fencing question waits up to
 # FENCE_WAIT_S for the lease thread (which wakes with it and renews at once) before anything is written.
 FROZEN_S, FENCE_WAIT_S = 2.0, 3.0
@@ -58,7 +58,7 @@ class LockHeld(RuntimeError):
     """Another supervisor drives this run dir."""
 
 
-class Watchdog:
+class Watchdog(Leading, Recording):
     """Drives one run to completed (0), gave up (1) or paused (75); owns the watch loop and every decision."""
 
     def __init__(self, cfg: RunConfig, store: Store, platform: Platform | None = None, echo: bool = True):
@@ -669,144 +669,6 @@ class Watchdog:
         if ends is not None:
             self._blame(result, ends)
         return result
-
-    # -- several nodes (this supervisor leads: nodes.py) ------------------------------------------
-
-    def _publish(self, spec: AttemptSpec, record: CheckpointRecord | None) -> None:
-        """Make the attempt's checkpoint fetchable (its upload done), then publish the attempt for the others."""
-        if record is not None:
-            missing = self.store.drain(self.cfg.storage.drain_timeout_s)  # type: ignore[union-attr]
-            if missing:
-                log.warning("not yet in %s: %s; the other nodes wait for it", self.store.describe(), ", ".join(missing))
-        checkpoint = None if record is None else {"epoch": record.epoch, "path": record.path, "size": record.size,
-                                                  "sha256": record.sha256, "step": record.step}  # fmt: skip
-        plan = Plan(self.session, spec.attempt, spec.seed, spec.load_epoch, spec.batch_divisor, spec.load_step,
-                    checkpoint)  # fmt: skip
-        assert self.coord is not None
-        self.coord.put_plan(plan)
-        self.coord.set_session(self.session, L.STATUS_RUNNING, spec.attempt)
-
-    def _node_failed(self, attempt: Attempt) -> None:
-        """Another node's group failed first: end ours (torchrun would tear it down anyway, slower)."""
-        assert self._link is not None
-        for end in self._link.ends.values():
-            if end.fault is not None and not end.collateral:
-                attempt.set_fault(Fault(end.fault), plain(end), end.rank, end.node)
-                return
-
-    def _gather_nodes(self, attempt: Attempt) -> list[NodeEnd]:
-        """After our group ended: tell every node the attempt is over, wait for each node's report (a node silent
-        for node_timeout_s is lost), and take the last of rank 0's relayed events."""
-        assert self._link is not None and self.coord is not None
-        number, nodes = attempt.spec.attempt, range(1, self.cfg.trainer.nnodes)
-        why = attempt.fault.value if attempt.fault is not None else "its group on node 0 ended"
-        self._link.stop_all(why, pause=attempt.fault is not None and attempt.fault.pauses)
-        deadline = time.monotonic() + self.cfg.trainer.node_timeout_s
-        while set(nodes) - set(self._link.ends) and time.monotonic() < deadline and self._signals < 2:
-            self._last_tick = time.monotonic()
-            time.sleep(0.2)
-        self._link.close()
-        ends = self._link.ends
-        self._link = None
-        for node in nodes:
-            if node not in ends:
-                log.warning("attempt %d: node %d sent no report within %.0fs: taken as lost", number, node,
-                            self.cfg.trainer.node_timeout_s)  # fmt: skip
-                ends[node] = NodeEnd(node, Fault.SESSION_LOST.value, f"node {node} sent no report within "
-                                     f"{self.cfg.trainer.node_timeout_s:.0f}s (machine gone?)",
-                                     detected_at=time.time())  # fmt: skip
-        return [ends[n] for n in nodes]
-
-    def _blame(self, result: AttemptResult, ends: list[NodeEnd]) -> None:
-        """Name the node (and rank) whose fault ended the attempt: ours, or another node's when ours only followed
-        it (a peer gone). A group of ours that ended well (rank 0's work judged as on one node) stays so."""
-        if result.node is not None or result.fault is None:  # named during the watch, or no fault here
-            return
-        ours = NodeEnd(0, result.fault.value, result.detail, result.rank, result.exit, result.detected_at,
-                       tail=result.tail)  # fmt: skip
-        first = cause([ours, *ends])
-        if first is None or first.node == 0:
-            result.node = 0
-            return
-        result.fault, result.rank, result.node = Fault(first.fault), first.rank, first.node
-        result.detail, result.detected_at = f"{where(first.rank, first.node)}: {plain(first)}", first.detected_at
-
-    def take_notes(self) -> None:
-        """Notes `supervisor note` left in the inbox while the run runs: into the ledger (by the one writer)."""
-        for path in sorted(self.layout.inbox.glob("note-*.json")):
-            try:
-                note = json.loads(path.read_text())["note"]
-            except (OSError, ValueError, KeyError, TypeError):
-                continue  # half-written (its writer renames it in whole) or foreign: left alone
-            self.ledger.append(L.NOTE, by="user", note=str(note))
-            path.unlink(missing_ok=True)
-
-    def _early_fired(self, view: L.RunView) -> dict | None:
-        """What fired the first [[early_stop]] rule the run's eval metrics make fire (rule, metric, value, epoch)."""
-        fired = policy.early_stop(view.metrics, self.cfg.early_stop, self.noun)
-        return None if fired is None else fired[1]
-
-    def _inherit(self) -> int | None:
-        """[init]: before the run's first attempt, take the parent run's verified checkpoint as this run's own
-        (copied or downloaded, its sha256 checked, recorded with `from_run`); an exit code when it cannot be had."""
-        init, view = self.cfg.init, self.view()
-        if init is None or view.attempts or view.checkpoints or view.partials:
-            return None
-        runs = Runs.beside(self.cfg)
-        try:
-            facts = runs.facts(init.from_run)
-        except StoreError as exc:
-            log.error("init.from_run: cannot read run '%s' in %s (%s): start again when the store answers",
-                      init.from_run, runs.describe(), exc)  # fmt: skip
-            return EXIT_PAUSED
-        if facts is None:
-            log.error("init.from_run: no run '%s' in %s: name a run of the same store (or runs folder)",
-                      init.from_run, runs.describe())  # fmt: skip
-            return EXIT_USAGE
-        parent = L.fold(facts)
-        record = parent.checkpoints.get(init.position)
-        if parent.unit != self.cfg.unit or record is None:
-            have = ", ".join(map(str, parent.verified_epochs())) or "none"
-            log.error("init: run '%s' has no verified checkpoint of %s %d (it counts %s; verified: %s): name one of "
-                      "them", init.from_run, self.noun, init.position, parent.unit, have)  # fmt: skip
-            return EXIT_USAGE
-        c = self.cfg.checkpoints
-        target = expected_path(c.pattern, init.position, self.layout.checkpoints, self.run_dir)
-        try:
-            whole = runs.fetch(init.from_run, record, target)
-        except StoreError as exc:
-            log.error("init: cannot fetch the checkpoint of run '%s' (%s): start again when the store answers",
-                      init.from_run, exc)  # fmt: skip
-            return EXIT_PAUSED
-        if not whole:
-            log.error("init: the checkpoint of %s %d of run '%s' is missing or corrupt in %s", self.noun,
-                      init.position, init.from_run, runs.describe())  # fmt: skip
-            return EXIT_USAGE
-        rel = target.relative_to(self.run_dir).as_posix()
-        self.ledger.append(L.CHECKPOINT, epoch=init.position, path=rel, size=record.size, sha256=record.sha256,
-                           attempt=-1, from_run=init.from_run)  # fmt: skip
-        self.store.checkpoint_verified(CheckpointRecord(init.position, rel, record.size, record.sha256), self.run_dir)
-        log.info("starting from run '%s' at %s %d (checkpoint sha256 %s... verified)", init.from_run, self.noun,
-                 init.position, record.sha256[:12])  # fmt: skip
-        return None
-
-    def _write_live(self, attempt: Attempt) -> None:
-        """live.json: the figures only this process knows (pace, the session's end, uploads still to send), for
-        `supervisor status`; a local write, and a failed one costs nothing but the figure."""
-        rules = attempt.rules
-        times = list(rules.step_times)
-        pace = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else None
-        live = {
-            "t": time.time(), "pid": os.getpid(), "attempt": attempt.spec.attempt, "seed": attempt.spec.seed,
-            "unit": self.cfg.unit, "span": self.cfg.span, "position": rules.epoch, "steps": rules.steps,
-            "started": self._launched_wall, "steps_per_s": None if pace is None else round(pace, 3),
-            "session_end": self.platform.session_end, "platform": self.platform.name,
-            "deadline": self._deadline, "backlog_bytes": self._backlog(), "upload_bps": self.store.upload_rate(),
-            "state": attempt.state, "fault": attempt.fault.value if attempt.fault else None,
-        }  # fmt: skip
-        with contextlib.suppress(OSError, ValueError):
-            data = json.dumps(live).encode()
-            atomic_write(self.layout.live, lambda f: f.write(data))
 
     def _write_params(self) -> None:
         data = json.dumps(self.cfg.trainer.params, indent=2, sort_keys=True).encode()
