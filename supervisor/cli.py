@@ -143,15 +143,21 @@ def cmd_start(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from supervisor import report
+    from supervisor import live
 
     cfg, run_dir, name = _resolve(args.run)
-    out = report.status(run_dir, name, _holder(run_dir))
+    extra = ({"span": cfg.span, "best_metric": cfg.checkpoints.best_metric, "mode": cfg.checkpoints.best_mode}
+             if cfg else {})  # fmt: skip
+    if args.watch:
+        if args.interval <= 0:
+            return _fail("--interval must be more than 0 seconds")
+        return live.watch(run_dir, name, lambda: _holder(run_dir), sys.stdout, args.interval, args.count,
+                          as_json=args.json, **extra)  # fmt: skip
+    out = live.gather(run_dir, name, _holder(run_dir), **extra)
     if args.json:
         print(json.dumps(out, indent=2, default=str))
         return 0
-    for key, value in out.items():
-        print(f"{key:>22}: {value}")
+    sys.stdout.write(live.render(out))
     return 0
 
 
@@ -205,12 +211,31 @@ def cmd_report(args: argparse.Namespace) -> int:
     try:
         if args.all:
             return _report_all(args)
-        rep = _report_of(args.run, args.endpoint_url)
+        reps = [_report_of(target, args.endpoint_url) for target in [args.run, *(args.compare or [])]]
     except StoreError as exc:
         return _fail(str(exc))
-    if isinstance(rep, str):
-        return _fail(rep)
-    sys.stdout.write(report.render(rep, args.format))
+    if failed := next((r for r in reps if isinstance(r, str)), None):
+        return _fail(failed)
+    if args.compare and args.plot is None:
+        return _fail("--compare draws the runs together: give --plot PATH (a .png)")
+    if args.plot is not None:
+        return _plot(reps, args)  # type: ignore[arg-type]
+    sys.stdout.write(report.render(reps[0], args.format))  # type: ignore[arg-type]
+    return 0
+
+
+def _plot(reps: list[dict], args: argparse.Namespace) -> int:
+    """report --plot [PATH] (--compare RUN ...): the PNG of one run or of several together."""
+    from supervisor import plots
+
+    path = Path(args.plot) if args.plot else Path(f"{reps[0]['name']}.png")
+    try:
+        out = plots.plot_compare(reps, path) if len(reps) > 1 else plots.plot_run(reps[0], path)
+    except RuntimeError as exc:  # matplotlib missing: one line with the extra to install
+        return _fail(str(exc))
+    except OSError as exc:
+        return _fail(f"cannot write {path}: {exc.strerror or exc}")
+    print(out)
     return 0
 
 
@@ -319,6 +344,9 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("status", help="state, attempt, epoch, last loss, last heartbeat age")
     s.add_argument("run", help="run.toml or run dir")
     s.add_argument("--json", action="store_true")
+    s.add_argument("--watch", action="store_true", help="refresh the view until the run stops running (Ctrl-C ends it)")
+    s.add_argument("--interval", type=float, default=2.0, help="seconds between refreshes with --watch")
+    s.add_argument("--count", type=int, default=None, help="with --watch: stop after N refreshes")
     s.set_defaults(func=cmd_status)
     s = sub.add_parser("report", help="the run's record: dates, purpose, notes, params and changes, best metrics "
                        "against baselines, restarts")  # fmt: skip
@@ -327,6 +355,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--all", action="store_true", help="RUN is a store url, a runs folder or a run.toml: every run "
                    "there, an index table first")  # fmt: skip
     s.add_argument("--endpoint-url", help="the S3 endpoint of a store url (default: $AWS_ENDPOINT_URL)")
+    s.add_argument("--plot", nargs="?", const="", metavar="PATH", help="write a PNG (loss, eval metrics, lr, a "
+                   "marker at each restart) to PATH (default: NAME.png); needs the [plots] extra")  # fmt: skip
+    s.add_argument("--compare", nargs="+", metavar="RUN", help="more runs drawn with RUN in one --plot")
     s.set_defaults(func=cmd_report)
     s = sub.add_parser("note", help="add a line to the run's record (its notes)")
     s.add_argument("run", help="run.toml or run dir")
