@@ -161,49 +161,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _store_url(target: str) -> bool:
-    return target.startswith(("s3://", "file://"))
-
-
-def _settings(url: str, endpoint: str | None):
-    from supervisor.store.settings import StorageSettings
-
-    return StorageSettings(url=url, endpoint_url=endpoint or os.environ.get("AWS_ENDPOINT_URL") or None,
-                           addressing_style="path" if endpoint or os.environ.get("AWS_ENDPOINT_URL") else "auto")
-
-
-def _report_of(target: str, endpoint: str | None, name: str | None = None) -> dict | str:
-    """The report of one run (a run.toml, a run dir, or a store url of a run): the dict, or why there is none.
-    A run.toml whose run dir is gone is read from its store."""
-    from supervisor import ledger as L
-    from supervisor import report
-    from supervisor.lineage import Runs
-    from supervisor.store import StoreError
-
-    cfg, metric, mode, running = None, None, "max", False
-    if _store_url(target):
-        prefix, _, name = target.rstrip("/").rpartition("/")
-        runs = Runs(_settings(prefix, endpoint))
-        facts = runs.facts(name)
-        where = f"{prefix}/{name}"
-    elif Path(target).is_dir():
-        run_dir = Path(target).resolve()
-        name, runs = run_dir.name, Runs(folder=run_dir.parent)
-        facts, where = L.read_facts(run_dir / L.LEDGER_NAME) if (run_dir / L.LEDGER_NAME).exists() else None, run_dir
-    else:
-        cfg = load_config(Path(target))
-        run_dir, name, runs = cfg.resolved_run_dir(), cfg.name, Runs.beside(cfg)
-        metric, mode, running = cfg.checkpoints.best_metric, cfg.checkpoints.best_mode, _holder(run_dir) is not None
-        try:
-            facts = L.read_facts(run_dir / L.LEDGER_NAME) if (run_dir / L.LEDGER_NAME).exists() else runs.facts(name)
-        except StoreError as exc:
-            return f"run '{name}': no ledger in {run_dir}, and its store cannot be read: {exc}"
-        where = f"{run_dir} or {runs.describe()}" if cfg.storage else run_dir
-    if not facts:
-        return f"{where} holds no run (no ledger.jsonl); pass a run.toml, a run dir or a store url of a run"
-    return report.from_facts(facts, name, running, metric, mode, runs)
-
-
 def cmd_report(args: argparse.Namespace) -> int:
     from supervisor import report
     from supervisor.store import StoreError
@@ -211,7 +168,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     try:
         if args.all:
             return _report_all(args)
-        reps = [_report_of(target, args.endpoint_url) for target in [args.run, *(args.compare or [])]]
+        reps = [report.load(target, args.endpoint_url, _holder) for target in [args.run, *(args.compare or [])]]
     except StoreError as exc:
         return _fail(str(exc))
     if failed := next((r for r in reps if isinstance(r, str)), None):
@@ -245,8 +202,8 @@ def _report_all(args: argparse.Namespace) -> int:
     from supervisor.lineage import Runs
 
     target = args.run
-    if _store_url(target):
-        runs = Runs(_settings(target.rstrip("/"), args.endpoint_url))
+    if report.is_store_url(target):
+        runs = Runs(report.store_settings(target.rstrip("/"), args.endpoint_url))
     elif Path(target).is_dir():
         runs = Runs(folder=Path(target).resolve())
     else:

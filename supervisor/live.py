@@ -21,6 +21,7 @@ from supervisor import ledger as L
 from supervisor import report
 from supervisor.layout import RunLayout
 from supervisor.protocol import EVENT_STEP, Event, parse_event
+from supervisor.store.progress import human_bytes
 
 STALE_AFTER_S = 10.0  # live.json is rewritten every 2 s: older than this with no holder, its writer is gone
 LABEL_W = 12  # a rendered line: the label right-aligned in 10 columns, two spaces, the text
@@ -236,15 +237,6 @@ def _session_and_uploads(live: dict[str, Any] | None, current: dict[str, Any] | 
         "upload_bps": bps,
         "upload_eta_s": upload_eta,
     }
-
-
-def human_bytes(n: float) -> str:
-    """Decimal units, as the watchdog's log lines: 512 B, 1.2 MB, 3.4 GB."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    raise AssertionError("unreachable")
 
 
 def human_seconds(s: float) -> str:

@@ -288,13 +288,18 @@ def plot_compare(reps: list[dict[str, Any]], path: Path) -> Path:
     return _save(compare_figure(reps), Path(path))
 
 
-def display_inline(path: Path) -> bool:
-    """Show the PNG at `path` inline and return True in a Jupyter/IPython kernel; False anywhere else.
-    Imports nothing outside a kernel: a kernel has always imported IPython already."""
+def in_kernel() -> bool:
+    """True in a Jupyter/IPython kernel (where display() shows things); imports nothing: a kernel has always
+    imported IPython already, and a terminal IPython has no kernel to show them."""
     ipython = sys.modules.get("IPython")
     get_ipython = getattr(ipython, "get_ipython", None)
     shell = get_ipython() if callable(get_ipython) else None
-    if shell is None or getattr(shell, "kernel", None) is None:  # a terminal IPython has no kernel to show it
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+def display_inline(path: Path) -> bool:
+    """Show the PNG at `path` inline and return True in a Jupyter/IPython kernel; False anywhere else."""
+    if not in_kernel():
         return False
     from IPython.display import Image, display
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
+import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +17,8 @@ from supervisor.layout import RunLayout
 from supervisor.lineage import Runs
 from supervisor.monitors.events import EventTail
 from supervisor.protocol import EVENT_STEP
+from supervisor.store.base import StoreError
+from supervisor.store.settings import StorageSettings
 
 
 def _finite(x: Any) -> Any:
@@ -113,6 +118,70 @@ def to_markdown(rep: dict) -> str:
         load = r["load_epoch"] if r.get("load_step") is None else f"{r['load_epoch']} @ step {r['load_step']}"
         out.append(f"| {r['epoch']} | {load} | {r['seed']} | {r['reason']} |{rank}")
     return "\n".join(out) + "\n"
+
+
+def is_store_url(target: str) -> bool:
+    return target.startswith(("s3://", "file://"))
+
+
+def store_settings(url: str, endpoint: str | None) -> StorageSettings:
+    """Settings for a store url given on the command line (the endpoint from the flag or $AWS_ENDPOINT_URL)."""
+    return StorageSettings(url=url, endpoint_url=endpoint or os.environ.get("AWS_ENDPOINT_URL") or None,
+                           addressing_style="path" if endpoint or os.environ.get("AWS_ENDPOINT_URL") else "auto")
+
+
+def load(target: str, endpoint: str | None = None, holder: Callable[[Path], Any] | None = None) -> dict | str:
+    """The report of one run (a run.toml, a run dir, or a store url of a run): the dict, or why there is none.
+    A run.toml whose run dir is gone is read from its store."""
+    from supervisor.config import load_config
+
+    cfg, metric, mode, running = None, None, "max", False
+    if is_store_url(target):
+        prefix, _, name = target.rstrip("/").rpartition("/")
+        runs = Runs(store_settings(prefix, endpoint))
+        facts = runs.facts(name)
+        where = f"{prefix}/{name}"
+    elif Path(target).is_dir():
+        run_dir = Path(target).resolve()
+        name, runs = run_dir.name, Runs(folder=run_dir.parent)
+        facts, where = L.read_facts(run_dir / L.LEDGER_NAME) if (run_dir / L.LEDGER_NAME).exists() else None, run_dir
+    else:
+        cfg = load_config(Path(target))  # ConfigError: the caller's
+        run_dir, name, runs = cfg.resolved_run_dir(), cfg.name, Runs.beside(cfg)
+        metric, mode = cfg.checkpoints.best_metric, cfg.checkpoints.best_mode
+        running = holder is not None and holder(run_dir) is not None
+        try:
+            facts = L.read_facts(run_dir / L.LEDGER_NAME) if (run_dir / L.LEDGER_NAME).exists() else runs.facts(name)
+        except StoreError as exc:
+            return f"run '{name}': no ledger in {run_dir}, and its store cannot be read: {exc}"
+        where = f"{run_dir} or {runs.describe()}" if cfg.storage else run_dir
+    if not facts:
+        return f"{where} holds no run (no ledger.jsonl); pass a run.toml, a run dir or a store url of a run"
+    return from_facts(facts, name, running, metric, mode, runs)
+
+
+def show(target: str, plot: bool = True) -> dict | str:
+    """In a notebook: the record of a run (a run.toml, run dir or store url) as markdown, and its plot inline when
+    matplotlib is there; elsewhere printed. Returns the report (or why there is none)."""
+    rep = load(target)
+    if isinstance(rep, str):
+        print(rep)
+        return rep
+    from supervisor import plots
+
+    if plots.in_kernel():
+        from IPython.display import Markdown, display
+
+        display(Markdown(to_markdown(rep)))
+    else:
+        print(to_markdown(rep))
+    if plot:
+        import tempfile
+
+        with contextlib.suppress(RuntimeError):  # no matplotlib: the markdown alone
+            png = plots.plot_run(rep, Path(tempfile.mkdtemp()) / f"{rep['name']}.png")
+            plots.display_inline(png)
+    return rep
 
 
 def render(rep: dict, fmt: str) -> str:

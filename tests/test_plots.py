@@ -224,3 +224,17 @@ def test_display_inline_shows_the_png_in_a_real_jupyter_kernel(restarted, tmp_pa
     outputs = nb.cells[0].outputs
     assert any("image/png" in o.get("data", {}) for o in outputs), outputs
     assert any(o.get("name") == "stdout" and o["text"].strip() == "True" for o in outputs), outputs
+
+
+@pytest.mark.kernel
+def test_report_show_displays_the_record_and_its_plot_in_a_notebook(restarted, tmp_path, mpl):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    cell = f"from supervisor import report\nrep = report.show({str(restarted[0])!r})"
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell(cell)])
+    nbclient.NotebookClient(nb, timeout=120, kernel_name="python3",
+                            resources={"metadata": {"path": str(tmp_path)}}).execute(env=clean_env())  # fmt: skip
+    outputs = nb.cells[0].outputs
+    markdown = [o["data"]["text/markdown"] for o in outputs if "text/markdown" in o.get("data", {})]
+    assert markdown and "| 1 | 0 |" in markdown[0] and "| nan |" in markdown[0], outputs
+    assert any("image/png" in o.get("data", {}) for o in outputs), outputs
