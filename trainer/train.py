@@ -563,10 +563,11 @@ def train_epoch(
                 log.error("GradScaler skipped %d optimizer steps in a row, scale now %g: the gradients are not finite",
                           skips.run, scaler.get_scale())
                 sup.step(epoch, step, float("nan"), amp_skipped_steps=skips.run)
+            per_step = att.micro_batch * group.world * att.accum  # images of the whole group (status: img/s)
             if not group.active:
-                sup.step(epoch, step, step_loss, lr=lr)
+                sup.step(epoch, step, step_loss, lr=lr, batch_size=per_step)
             elif group.main:
-                sup.step(epoch, step, step_loss, lr=lr, local_loss=local_loss)
+                sup.step(epoch, step, step_loss, lr=lr, local_loss=local_loss, batch_size=per_step)
             else:
                 sup.step(epoch, step, local_loss, lr=lr)
             loss_sum += step_loss
