@@ -11,6 +11,11 @@
       attempts/attempt-NNNN.log            the attempt's stdout and stderr
       attempts/attempt-NNNN.events.jsonl   the attempt's events (SUPERVISOR_EVENTS)
       attempts/attempt-NNNN.request.json   the watchdog's checkpoint request (SUPERVISOR_CHECKPOINT_REQUEST)
+      live.json                    what the running watchdog does now (supervisor status), every 2 s
+      inbox/note-*.json            notes for the ledger from `supervisor note` while the run runs
+      trackers/<name>.json         how far each tracker has written the ledger ([record] trackers)
+      tensorboard/, mlflow/, wandb/  the trackers' own files (TensorBoard events, the MLflow SQLite store)
+      set-aside/                   a zero-code script's file an earlier attempt left, moved before a fresh start
 """
 
 from __future__ import annotations

@@ -282,7 +282,7 @@ class RunView:
         return max(found) if mode == "max" else min(found)
 
 
-def _int(value: Any) -> int:
+def to_int(value: Any) -> int:
     """An int from a ledger field; ValueError for anything else (bools, floats with a fraction, null)."""
     if isinstance(value, bool) or value is None:
         raise ValueError(f"expected an integer, got {value!r}")
@@ -296,15 +296,15 @@ def _apply(view: RunView, by_id: dict[int, AttemptView], f: dict[str, Any]) -> N
     before changing anything."""
     kind = f.get("fact")
     if kind == ATTEMPT_STARTED:
-        load_epoch = _int(f["load_epoch"])
-        load_step = None if f.get("load_step") is None else _int(f["load_step"])
+        load_epoch = to_int(f["load_epoch"])
+        load_step = None if f.get("load_step") is None else to_int(f["load_step"])
         a = AttemptView(
-            attempt=_int(f["attempt"]),
-            seed=_int(f["seed"]),
+            attempt=to_int(f["attempt"]),
+            seed=to_int(f["seed"]),
             load_epoch=load_epoch,
-            start_epoch=_int(f.get("start_epoch", load_epoch + 1)),
+            start_epoch=to_int(f.get("start_epoch", load_epoch + 1)),
             reason=str(f.get("reason", NORMAL_START)),
-            batch_divisor=_int(f.get("batch_divisor", 1)),
+            batch_divisor=to_int(f.get("batch_divisor", 1)),
             started_at=float(f.get("ts", 0.0)),
             host=str(f.get("host", "")),
             pid=f.get("pid") if isinstance(f.get("pid"), int) else None,
@@ -314,27 +314,27 @@ def _apply(view: RunView, by_id: dict[int, AttemptView], f: dict[str, Any]) -> N
         view.attempts.append(a)
         view.status = STATUS_RUNNING
     elif kind == ATTEMPT_ENDED:
-        a = by_id[_int(f["attempt"])]
+        a = by_id[to_int(f["attempt"])]
         failed = f.get("failed_epoch")
         tail = f.get("tail", [])
         ended = dict(
             fault=f.get("fault") if isinstance(f.get("fault"), str) else None,
             exit=str(f.get("exit")) if f.get("exit") is not None else None,
-            failed_epoch=None if failed is None else _int(failed),
-            steps=_int(f.get("steps", 0)),
+            failed_epoch=None if failed is None else to_int(failed),
+            steps=to_int(f.get("steps", 0)),
             progressed=bool(f.get("progressed", False)),
             tail=[str(x) for x in tail] if isinstance(tail, list) else [],
             ended_at=float(f.get("ts", 0.0)),
             detail=str(f.get("detail") or ""),
-            rank=None if f.get("rank") is None else _int(f["rank"]),
-            node=None if f.get("node") is None else _int(f["node"]),
+            rank=None if f.get("rank") is None else to_int(f["rank"]),
+            node=None if f.get("node") is None else to_int(f["node"]),
         )
         a.ended = True
         for key, value in ended.items():
             setattr(a, key, value)
     elif kind == CHECKPOINT:
-        step = None if f.get("step") is None else _int(f["step"])
-        rec = CheckpointRecord(_int(f["epoch"]), str(f["path"]), _int(f["size"]), str(f["sha256"]), step)
+        step = None if f.get("step") is None else to_int(f["step"])
+        rec = CheckpointRecord(to_int(f["epoch"]), str(f["path"]), to_int(f["size"]), str(f["sha256"]), step)
         if rec.epoch < 0 or rec.size < 0 or (step is not None and step < 1):
             raise ValueError(f"checkpoint of epoch {rec.epoch} step {step}, size {rec.size}")
         if step is None:
@@ -346,8 +346,8 @@ def _apply(view: RunView, by_id: dict[int, AttemptView], f: dict[str, Any]) -> N
         if isinstance(f.get("from_run"), str):  # [init]: the parent's checkpoint this run started from
             view.parent = {"run": f["from_run"], view.noun: rec.epoch, "sha256": rec.sha256}
     elif kind in (CHECKPOINT_REMOVED, CHECKPOINT_UNAVAILABLE):
-        epoch = _int(f["epoch"])
-        step = None if f.get("step") is None else _int(f["step"])
+        epoch = to_int(f["epoch"])
+        step = None if f.get("step") is None else to_int(f["step"])
         held = view.checkpoints if step is None else view.partials
         key = epoch if step is None else (epoch, step)
         rec = held.get(key)
@@ -369,17 +369,17 @@ def _apply(view: RunView, by_id: dict[int, AttemptView], f: dict[str, Any]) -> N
     elif kind == EARLY_STOP:
         view.early_stop = {k: f.get(k) for k in ("rule", "metric", "value", "epoch")}
     elif kind == WORK_LOST:
-        a = by_id[_int(f["attempt"])]
-        a.lost_steps, a.lost_s = _int(f["steps"]), float(f["seconds"])
+        a = by_id[to_int(f["attempt"])]
+        a.lost_steps, a.lost_s = to_int(f["steps"]), float(f["seconds"])
     elif kind == PLAN:
         view.plan = {k: v for k, v in f.items() if k not in ("fact", "ts")}
     elif kind == TRAIN:
-        view.train[_int(f["epoch"])] = {k: f[k] for k in ("loss", "lr", "steps") if f.get(k) is not None}
+        view.train[to_int(f["epoch"])] = {k: f[k] for k in ("loss", "lr", "steps") if f.get(k) is not None}
     elif kind == METRICS:
         metrics = f.get("metrics", {})
         if not isinstance(metrics, dict):
             raise ValueError("metrics is not a table")
-        view.metrics[_int(f["epoch"])] = dict(metrics)
+        view.metrics[to_int(f["epoch"])] = dict(metrics)
     elif kind == RUN_ENDED:
         view.status = str(f["status"])
         view.ended_at = float(f.get("ts", 0.0))

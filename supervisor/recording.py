@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from supervisor import ledger as L
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from supervisor.layout import RunLayout
     from supervisor.platforms import Platform
     from supervisor.store.base import Store
+    from supervisor.trackers import TrackerSync
 
 log = logging.getLogger("supervisor")
 
@@ -36,11 +38,39 @@ class Recording:
     store: Store
     ledger: L.Ledger
     layout: RunLayout
-    run_dir: object
+    run_dir: Path
+    trackers: TrackerSync | None
     noun: str
     platform: Platform
     _launched_wall: float
     _deadline: float | None
+
+    def _ledger_changed(self, path: Path) -> None:
+        """After every ledger append: the store mirrors it, the trackers write what is new (both off this thread)."""
+        self.store.ledger_changed(path)
+        if self.trackers is not None:
+            self.trackers.notify(path)
+
+    def open_trackers(self) -> bool:
+        """[record] trackers: start the thread that writes the ledger to them; False (logged) when one cannot run."""
+        from supervisor.trackers import open_trackers
+
+        r = self.cfg.record
+        try:
+            self.trackers = open_trackers(r.trackers, self.cfg.name, self.run_dir, self.cfg.trainer.params,
+                                          self.cfg.unit, r.mlflow_uri)  # fmt: skip
+        except ValueError as exc:
+            log.error("record.trackers: %s", exc)
+            return False
+        if self.trackers is not None:
+            self.trackers.start()
+            self.trackers.notify(self.layout.ledger)  # what earlier sessions wrote, on a new machine all of it
+            log.info("writing the run to %s (docs/record.md, Trackers)", ", ".join(r.trackers))
+        return True
+
+    def close_trackers(self) -> None:
+        if self.trackers is not None and not self.trackers.close(30.0):
+            log.warning("the trackers were still writing after 30s: the next start writes the rest")
 
     def take_notes(self) -> None:
         """Notes `supervisor note` left in the inbox while the run runs: into the ledger (by the one writer)."""

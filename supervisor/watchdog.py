@@ -69,7 +69,8 @@ class Watchdog(Leading, Recording):
         self.platform = platform or detect(cfg.platform.detect, cfg.platform.session_limit_s)
         self.echo = echo
         # The fencing question is settled by the lease thread; asking it never waits on the network.
-        self.ledger = L.Ledger(self.layout.ledger, on_append=store.ledger_changed, fenced=store.lost_lease)
+        self.ledger = L.Ledger(self.layout.ledger, on_append=self._ledger_changed, fenced=store.lost_lease)
+        self.trackers = None  # [record] trackers: opened at start (recording.py)
         self._pause_why: str | None = None
         self._attempt: Attempt | None = None
         p = cfg.platform
@@ -353,6 +354,8 @@ class Watchdog(Leading, Recording):
                 log.warning("ledger: %s", warning)
             self.store.resume_uploads(list(view.checkpoints.values()), self.run_dir)
             self.store.resume_removals(view.removed, self.run_dir)
+            if not self.open_trackers():
+                return EXIT_USAGE
             return self._drive()
         except L.Fenced:
             if self._attempt is not None:
@@ -365,6 +368,7 @@ class Watchdog(Leading, Recording):
             for s, h in old_handlers.items():
                 signal.signal(s, h)
             self.notices.close()
+            self.close_trackers()
             self._hasher.shutdown(wait=True)
             self.store.close()
             with contextlib.suppress(OSError):
