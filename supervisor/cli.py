@@ -93,6 +93,11 @@ def _plan_warnings(cfg: RunConfig) -> list[str]:
     out = cfg.resume_warnings()
     if cfg.checkpoints.every_s is not None and cfg.trainer.mode == "zero-code":
         out.append("checkpoints.every_s has no effect in zero-code mode: a script cannot be asked for a checkpoint")
+    if cfg.record.trackers:
+        from supervisor.trackers import missing_packages
+
+        out += [f"record.trackers: {line} (start refuses to run without it)" for line in missing_packages(
+            cfg.record.trackers, cfg.record.mlflow_uri)]  # fmt: skip
     facts = L.read_facts(cfg.resolved_run_dir() / L.LEDGER_NAME)
     return out + plan_shortfalls(cfg, D.Costs.from_plan(L.fold(facts).plan))
 

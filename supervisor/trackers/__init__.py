@@ -17,7 +17,7 @@ from supervisor.trackers.sync import Problems, RunInfo, Tracker, TrackerSync
 from supervisor.trackers.tensorboard_writer import TensorBoardTracker
 from supervisor.trackers.wandb_writer import WandbTracker
 
-__all__ = ["TRACKERS", "TrackerSync", "open_trackers"]
+__all__ = ["TRACKERS", "TrackerSync", "missing_packages", "open_trackers"]
 
 TRACKERS: dict[str, type[Tracker]] = {t.name: t for t in (TensorBoardTracker, MlflowTracker, WandbTracker)}
 
@@ -28,6 +28,17 @@ def _missing(tracker: type[Tracker], mlflow_uri: str | None) -> list[str]:
     if tracker is MlflowTracker and not mlflow_uri:
         modules += ["sqlalchemy", "alembic"]  # the SQLite store in the run dir
     return [m for m in modules if importlib.util.find_spec(m) is None]
+
+
+def missing_packages(names: list[str], mlflow_uri: str | None = None) -> list[str]:
+    """One line per named tracker whose package is not installed, with the extra that brings it."""
+    out = []
+    for name in names:
+        kind = TRACKERS.get(name)
+        if kind is not None and (missing := _missing(kind, mlflow_uri)):
+            out.append(f"tracker '{name}' needs {', '.join(missing)}, not installed: "
+                       f"pip install 'train-supervisor[{kind.extra}]'")  # fmt: skip
+    return out
 
 
 def open_trackers(names: list[str], run_name: str, run_dir: Path, params: dict[str, Any], unit: str,
@@ -42,10 +53,8 @@ def open_trackers(names: list[str], run_name: str, run_dir: Path, params: dict[s
         kind = TRACKERS.get(name)
         if kind is None:
             raise ValueError(f"unknown tracker '{name}': choose from {', '.join(TRACKERS)}")
-        missing = _missing(kind, mlflow_uri)
-        if missing:
-            raise ValueError(f"tracker '{name}' needs {', '.join(missing)}, not installed: "
-                             f"pip install 'train-supervisor[{kind.extra}]'")  # fmt: skip
+        if problem := missing_packages([name], mlflow_uri):
+            raise ValueError(problem[0])
         run = RunInfo(run_name, Path(run_dir), dict(params), unit, mlflow_uri, experiment)
         trackers.append(kind(run, problems))
     return TrackerSync(trackers, Path(run_dir))
