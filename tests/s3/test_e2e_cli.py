@@ -154,3 +154,23 @@ def test_frozen_supervisor_loses_its_lease_and_stops_writing(weed, tmp_path):
     assert len(ledger(a_dir)) == facts_before  # not a line more after waking up
     wait_for(lambda: not any(psutil.pid_exists(p) and psutil.Process(p).status() != "zombie"
                              for p in trainer_tree), timeout=10, what="A's trainer to die")  # fmt: skip
+
+
+def test_the_record_of_a_run_comes_from_the_bucket_alone(weed, tmp_path):
+    """`report s3://bucket/prefix/NAME` and `report --all s3://bucket/prefix`: the record from the store, with no
+    run dir anywhere (what a teammate on another machine sees), credentials from the standard chain."""
+    import shutil
+
+    prefix = f"rec-{uuid.uuid4().hex[:8]}"
+    base = machine(tmp_path, "a", weed, prefix, epochs=2)
+    assert cli("start", "-q", str(base)).returncode == 0
+    shutil.rmtree(tmp_path / "a" / "runs")
+    url = f"s3://{weed.bucket}/{prefix}"
+    one = cli("report", f"{url}/run", "--endpoint-url", weed.endpoint, "--format", "json")
+    assert one.returncode == 0, one.stderr
+    rep = json.loads(one.stdout)
+    assert rep["status"] == "completed" and rep["checkpoints"] == [0, 1] and rep["best"]["AP50"]["epoch"] == 1
+    whole = cli("report", "--all", url, env={"AWS_ENDPOINT_URL": weed.endpoint})
+    assert whole.returncode == 0, whole.stderr
+    assert "| [run](#run) |" in whole.stdout and "# run" in whole.stdout
+    assert weed.secret_key not in one.stdout + one.stderr + whole.stdout + whole.stderr
