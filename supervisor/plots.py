@@ -116,7 +116,7 @@ def panels_for(runs: list[Run]) -> list[Panel]:
     """Training loss (always), one panel per eval metric, the learning rate where any run reported one."""
     panels = [Panel("train", "loss", "train loss")]
     names = sorted({k for r in runs for row in r.tables["metrics"].values() for k in row})
-    panels += [Panel("metrics", name, name) for name in names]
+    panels += [Panel("metrics", name, "eval loss" if name == "loss" else name) for name in names]  # not train's
     if any(not math.isnan(v) for r in runs for v in r.series(Panel("train", "lr", ""))[1]):
         panels.append(Panel("train", "lr", "learning rate"))
     return panels
