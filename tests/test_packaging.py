@@ -74,7 +74,10 @@ def test_base_dependencies_leave_torch_to_the_extras():
     assert {"torch", "torchvision", "numpy", "pillow", "tqdm"} <= {name(r) for r in extras["trainer"]}
     assert any(name(r) == "lightning" for r in extras["lightning"])
     assert {"transformers", "accelerate", "torch"} <= {name(r) for r in extras["transformers"]}
-    assert f"{project['name']}[trainer,lightning,transformers]" in extras["test"]
+    assert {"matplotlib"} <= {name(r) for r in extras["plots"]} and "tensorboard" in extras["tensorboard"][0]
+    assert {"mlflow-skinny", "sqlalchemy", "alembic"} <= {name(r) for r in extras["mlflow"]}
+    assert f"{project['name']}[trainer,lightning,transformers,plots,tensorboard,mlflow]" in extras["test"]
+    assert not base & {"matplotlib", "tensorboard", "mlflow-skinny", "mlflow", "wandb"}, base
 
 
 def test_no_module_of_the_watchdog_imports_a_trainer_library():
