@@ -212,8 +212,22 @@ def main(read_secrets=read_platform_secrets, package=PACKAGE, work_dir=WORK_DIR,
     code = stream([python, "-m", "supervisor", "start", str(config)], work_dir)
     meaning = EXIT_MEANING.get(code, "the supervisor itself was killed: run this cell again to continue")
     print(f"\nsupervisor start exited {code}: {meaning}\n", flush=True)
-    stream([python, "-m", "supervisor", "report", str(config)], work_dir)
+    show_report(config, work_dir)
     return code
+
+
+def show_report(config, work_dir):
+    """The run's record: as markdown with its plot inline in a notebook (the package pip just installed into this
+    kernel's interpreter), else the plain text of `supervisor report`."""
+    try:
+        import importlib
+
+        importlib.invalidate_caches()  # installed after this kernel started
+        from supervisor import report
+
+        report.show(str(config))
+    except Exception:  # noqa: BLE001 - an older package without show(): the text is as good a record
+        stream([sys.executable, "-m", "supervisor", "report", str(config)], work_dir)
 
 
 if __name__ == "__main__":

@@ -178,9 +178,8 @@ def show(target: str, plot: bool = True) -> dict | str:
     if plot:
         import tempfile
 
-        with contextlib.suppress(RuntimeError):  # no matplotlib: the markdown alone
-            png = plots.plot_run(rep, Path(tempfile.mkdtemp()) / f"{rep['name']}.png")
-            plots.display_inline(png)
+        with contextlib.suppress(RuntimeError), tempfile.TemporaryDirectory() as tmp:  # no matplotlib: no plot
+            plots.display_inline(plots.plot_run(rep, Path(tmp) / f"{rep['name']}.png"))  # the PNG is read here
     return rep
 
 

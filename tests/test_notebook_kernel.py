@@ -267,6 +267,7 @@ def test_stop_button_pauses_and_a_new_kernel_on_an_empty_disk_resumes(platform: 
         assert "cell stopped: asking the supervisor to pause" in out1
         assert "supervisor start exited 75: paused" in out1, out1[-3000:]
         assert "| epoch | load_epoch | seed | reason |" in out1  # the report follows
+        assert '"text/markdown"' in out1 and '"image/png"' in out1  # as markdown, with its plot inline
         assert "Traceback" not in out1 and "KeyboardInterrupt" not in out1, out1[-3000:]
         # The pause drained the uploads: the last checkpoint's manifest and object are in the bucket.
         ended = facts(run_dir, "run_ended")[-1]
