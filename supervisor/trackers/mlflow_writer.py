@@ -97,11 +97,7 @@ class MlflowTracker(Tracker):
         self.run_id = run.info.run_id
         self._log_params(run.data.params)
         self.curves = FinalCurves()
-        for f in facts[:done]:
-            try:
-                self.curves.feed(f)
-            except (KeyError, TypeError, ValueError):
-                pass  # skipped when it was written, and said then
+        self.replay(self.curves, facts[:done])
         return done
 
     def _experiment(self) -> str:
@@ -139,12 +135,7 @@ class MlflowTracker(Tracker):
             self.client.log_batch(self.run_id, params=params[i : i + 100])
 
     def write(self, facts: list[dict[str, Any]]) -> None:
-        ops: list[FinalOp] = []
-        for f in facts:
-            try:
-                ops += self.curves.feed(f)
-            except (KeyError, TypeError, ValueError) as exc:
-                self.skip(f, exc)
+        ops: list[FinalOp] = self.translate(self.curves, facts)
         points: list[tuple[str, int, float, float]] = []
         tags: dict[str, str] = {}
         statuses: list[Status] = []

@@ -9,6 +9,7 @@ notify; it never stops the run, and nothing but close() ever waits on it.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import threading
@@ -79,10 +80,24 @@ class Tracker(ABC):
     def close(self) -> None:
         """Release files and connections; also called after a failure, so it must tolerate a half-open tracker."""
 
-    def skip(self, fact: dict[str, Any], exc: Exception) -> None:
-        """A fact of the wrong shape is not written; said once per tracker."""
-        self.problems.warn(self.name, "shape", f"a {fact.get('fact')!r} fact of the wrong shape ({exc!r}) is not "
-                                              "written")  # fmt: skip
+    def replay(self, curves: Any, facts: list[dict[str, Any]]) -> None:
+        """Rebuild `curves` (events.LiveCurves or FinalCurves) from facts already written; one of the wrong shape
+        was skipped, and said, when it was written."""
+        for f in facts:
+            with contextlib.suppress(KeyError, TypeError, ValueError):
+                curves.feed(f)
+
+    def translate(self, curves: Any, facts: list[dict[str, Any]]) -> list[Any]:
+        """What `facts` make this tracker write, through `curves`; a fact of the wrong shape is not written, and
+        said once per tracker."""
+        ops: list[Any] = []
+        for f in facts:
+            try:
+                ops += curves.feed(f)
+            except (KeyError, TypeError, ValueError) as exc:
+                self.problems.warn(self.name, "shape", f"a {f.get('fact')!r} fact of the wrong shape ({exc!r}) is "
+                                                      "not written")  # fmt: skip
+        return ops
 
 
 def cursor_path(run_dir: Path, name: str) -> Path:

@@ -97,11 +97,7 @@ class TensorBoardTracker(Tracker):
         if done:
             self._undo_cut_short(done)
         self.curves = LiveCurves(self.run.params)
-        for f in facts[:done]:
-            try:
-                self.curves.feed(f)
-            except (KeyError, TypeError, ValueError):
-                pass  # skipped when it was written, and said then
+        self.replay(self.curves, facts[:done])
         self._start_over = bool(existing) and not done  # files no cursor speaks for: purged by the first write
         self._done = done
         return done
@@ -127,11 +123,7 @@ class TensorBoardTracker(Tracker):
         if self._start_over:
             ops += self.curves.purge(0, float(facts[0].get("ts", 0.0)))
             self._start_over = False
-        for f in facts:
-            try:
-                ops += self.curves.feed(f)
-            except (KeyError, TypeError, ValueError) as exc:
-                self.skip(f, exc)
+        ops += self.translate(self.curves, facts)
         end = self._done + len(facts)
         if ops:
             writer = self._writer()

@@ -64,11 +64,7 @@ class WandbTracker(Tracker):
         elif not run.resumed and not _offline():
             done = 0  # the server has no such run (any more): all of it
         self.curves = FinalCurves()
-        for f in facts[:done]:
-            try:
-                self.curves.feed(f)
-            except (KeyError, TypeError, ValueError):
-                pass  # skipped when it was written, and said then
+        self.replay(self.curves, facts[:done])
         self._done = done
         return done
 
@@ -94,12 +90,7 @@ class WandbTracker(Tracker):
     def write(self, facts: list[dict[str, Any]]) -> None:
         import wandb
 
-        ops: list[FinalOp] = []
-        for f in facts:
-            try:
-                ops += self.curves.feed(f)
-            except (KeyError, TypeError, ValueError) as exc:
-                self.skip(f, exc)
+        ops: list[FinalOp] = self.translate(self.curves, facts)
         for op in ops:
             run = self._init()
             if isinstance(op, Metrics):
